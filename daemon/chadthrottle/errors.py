@@ -1,0 +1,31 @@
+"""Domain errors raised by the engine.  They know nothing about D-Bus; the bus layer
+maps each class to its contract error name in exactly one place
+(chadthrottle.service.errors)."""
+
+
+class ChadthrottleError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class NoSuchProcess(ChadthrottleError):
+    """pid 0, a kernel thread, or a pid that does not exist (any more)."""
+
+
+class NoSuchLimit(ChadthrottleError):
+    """Clearing a limit that is not set."""
+
+
+class NoSuchUnit(ChadthrottleError):
+    """A unit name or cgroup path that is not an existing cgroup below the cgroup2 mount."""
+
+
+class InvalidLimit(ChadthrottleError):
+    """A rate outside 0 or RATE_MIN..RATE_MAX, or a target that must not be limited."""
+
+
+class NotAuthorized(ChadthrottleError):
+    """The caller may not do this (raised by the authorization layer)."""
+
+
+class Unsupported(ChadthrottleError):
+    """The kernel or the cgroup setup cannot serve; the message says what is missing."""

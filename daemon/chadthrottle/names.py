@@ -1,0 +1,58 @@
+"""Every name the project shares with the outside world, defined once.
+
+D-Bus names, error names, polkit actions, and the ELF names of the BPF maps and
+programs.  Everything else imports from here; this module imports nothing of ours.
+"""
+
+# --- D-Bus contract (version 1, see dbus/org.chadthrottle.Throttle1.xml) ---
+BUS_NAME = "org.chadthrottle.Throttle1"
+OBJECT_PATH = "/org/chadthrottle/Throttle1"
+INTERFACE = "org.chadthrottle.Throttle1"
+ERROR_PREFIX = INTERFACE + ".Error."
+
+ERR_NO_SUCH_PROCESS = ERROR_PREFIX + "NoSuchProcess"
+ERR_NO_SUCH_LIMIT = ERROR_PREFIX + "NoSuchLimit"
+ERR_NO_SUCH_UNIT = ERROR_PREFIX + "NoSuchUnit"
+ERR_INVALID_LIMIT = ERROR_PREFIX + "InvalidLimit"
+ERR_NOT_AUTHORIZED = ERROR_PREFIX + "NotAuthorized"
+ERR_UNSUPPORTED = ERROR_PREFIX + "Unsupported"
+ERR_FAILED = ERROR_PREFIX + "Failed"
+
+# LimitRemoved reasons
+REASON_CLEARED = "cleared"
+REASON_EXITED = "exited"
+
+# --- polkit actions (dbus/org.chadthrottle.throttle.policy) ---
+POLKIT_ACTION_LIMIT_OWN = "org.chadthrottle.throttle.limit-own"
+POLKIT_ACTION_LIMIT_ANY = "org.chadthrottle.throttle.limit-any"
+POLKIT_ACTION_READ = "org.chadthrottle.throttle.read"
+
+# --- status values of GetStats "status" ---
+STATUS_THROTTLED = "throttled"
+STATUS_NOT_WORKING = "not-working"
+STATUS_PROGRAM_NOT_CALLED = "program-not-called"
+STATUS_NOT_DROPPING = "not-dropping"
+STATUS_UNLIMITED = "unlimited"
+
+# --- limits (bytes per second) ---
+RATE_MIN = 1024
+RATE_MAX = 1 << 40
+
+# --- BPF object: ELF names of maps and programs (bpf/throttle.bpf.c) ---
+BPF_OBJECT_FILE = "throttle.bpf.o"
+PROG_INGRESS = "ct_ingress"
+PROG_EGRESS = "ct_egress"
+PROG_SOCK_CREATE = "ct_sock_create"
+PROG_FORK = "ct_fork"
+PROG_EXIT = "ct_exit"
+MAP_SK_TAG = "sk_tag"
+MAP_PROC_BUDGET = "proc_budget"
+MAP_LIMITS = "limits"
+MAP_UNIT_LIMITS = "unit_limits"
+MAP_PROC_TRAFFIC = "proc_traffic"
+MAP_CONFIG = "config"
+MAP_GLOBAL_STATS = "global_stats"
+
+# --- systemd ---
+SYSTEMD_UNIT = "chadthrottled.service"
+JOURNAL_FIELD_PREFIX = "CHADTHROTTLE_"
