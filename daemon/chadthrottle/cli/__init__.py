@@ -1,0 +1,1 @@
+"""chadthrottlectl, the command-line client (a D-Bus client only; never imports the engine)."""

@@ -1,0 +1,186 @@
+"""A thin asyncio client of the org.chadthrottle.Throttle1 contract (DESIGN.md §2).
+
+Only the bus: it never imports the engine or the service.  Messages are built by hand
+(no introspection round trip), and every failure becomes a :class:`DaemonError` whose
+message is meant for people and whose ``name`` is the D-Bus error name (or a pseudo
+name for failures that never reached the bus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from dbus_fast import BusType, DBusError, Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from chadthrottle import names
+
+# Errors that never reached the daemon get names in this namespace so that scripts can
+# still match on one stable string.
+CLIENT_ERROR_PREFIX = "org.chadthrottle.Throttle1.Client."
+ERR_NO_BUS = CLIENT_ERROR_PREFIX + "NoBus"
+ERR_TIMEOUT = CLIENT_ERROR_PREFIX + "Timeout"
+
+DBUS_SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
+DBUS_NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
+DBUS_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+DBUS_NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+DBUS_SPAWN_PREFIX = "org.freedesktop.DBus.Error.Spawn."
+
+START_HINT = ("start it with 'sudo systemctl start chadthrottled' "
+              "(or 'sudo make run' from a checkout)")
+
+READ_TIMEOUT = 25.0
+# a mutating call may wait for an interactive polkit prompt
+WRITE_TIMEOUT = 120.0
+
+
+class DaemonError(Exception):
+    """A failed call: `name` is the D-Bus error name, str() the plain explanation."""
+
+    def __init__(self, name: str, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.name = name
+        self.message = message
+        self.detail = detail
+
+
+def explain(name: str, text: str, *, pid: int | None = None, unit: str | None = None) -> str:
+    """Turn a D-Bus error into one plain sentence (pure; unit-tested)."""
+    text = (text or "").strip()
+    what = f"process {pid}" if pid is not None else (f"unit {unit!r}" if unit else "target")
+    if name in (DBUS_SERVICE_UNKNOWN, DBUS_NAME_HAS_NO_OWNER) or name.startswith(DBUS_SPAWN_PREFIX):
+        return f"the chadthrottled daemon is not running on the system bus; {START_HINT}"
+    if name == ERR_NO_BUS:
+        return (f"cannot reach the D-Bus system bus ({text}), so the chadthrottled daemon "
+                f"cannot be running; {START_HINT} — 'make run' starts a private bus when there "
+                f"is none and prints the DBUS_SYSTEM_BUS_ADDRESS to export")
+    if name == ERR_TIMEOUT:
+        return f"the daemon did not answer in time ({text})"
+    if name == names.ERR_NOT_AUTHORIZED or name == DBUS_ACCESS_DENIED:
+        return (
+            f"not authorized{': ' + text if text else ''}. Limiting your own processes needs the "
+            f"polkit action {names.POLKIT_ACTION_LIMIT_OWN}, other users' processes need "
+            f"{names.POLKIT_ACTION_LIMIT_ANY} (or run as root)"
+        )
+    if name == names.ERR_NO_SUCH_PROCESS:
+        return f"no such process: {what} does not exist or is a kernel thread" + (
+            f" ({text})" if text else "")
+    if name == names.ERR_NO_SUCH_LIMIT:
+        return f"{what} has no limit" + (f" ({text})" if text else "")
+    if name == names.ERR_NO_SUCH_UNIT:
+        return (f"no such unit or cgroup: {unit!r}" if unit else "no such unit or cgroup") + (
+            f" ({text})" if text else "")
+    if name == names.ERR_INVALID_LIMIT:
+        return f"invalid limit: {text}" if text else "invalid limit"
+    if name == names.ERR_UNSUPPORTED:
+        return f"this kernel or cgroup setup cannot do it: {text}"
+    if name == names.ERR_FAILED:
+        return f"the daemon failed unexpectedly ({text}); see 'journalctl -u chadthrottled'"
+    return text or name
+
+
+def _plain(value: Any) -> Any:
+    """Variants and dbus containers -> plain Python (JSON-ready)."""
+    if isinstance(value, Variant):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Client:
+    """``async with Client() as c: await c.get_stats(pid)``."""
+
+    def __init__(self, address: str | None = None) -> None:
+        self._address = address
+        self._bus: MessageBus | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def connect(self) -> None:
+        try:
+            if self._address:
+                bus = MessageBus(bus_address=self._address)
+            else:
+                bus = MessageBus(bus_type=BusType.SYSTEM)
+            self._bus = await asyncio.wait_for(bus.connect(), READ_TIMEOUT)
+        except TimeoutError as e:
+            raise DaemonError(ERR_NO_BUS, explain(ERR_NO_BUS, "timed out connecting")) from e
+        except Exception as e:  # OSError, AuthError, InvalidAddressError
+            address = self._address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or \
+                "unix:path=/var/run/dbus/system_bus_socket"
+            raise DaemonError(ERR_NO_BUS, explain(ERR_NO_BUS, f"{address}: {e}")) from e
+
+    def close(self) -> None:
+        if self._bus is not None:
+            self._bus.disconnect()
+            self._bus = None
+
+    async def _call(self, member: str, signature: str = "", body: list | None = None, *,
+                    write: bool = False, pid: int | None = None, unit: str | None = None,
+                    interface: str = names.INTERFACE) -> list:
+        assert self._bus is not None, "connect() first"
+        msg = Message(
+            destination=names.BUS_NAME,
+            path=names.OBJECT_PATH,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+            flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if write else MessageFlag.NONE,
+        )
+        timeout = WRITE_TIMEOUT if write else READ_TIMEOUT
+        try:
+            reply = await asyncio.wait_for(self._bus.call(msg), timeout)
+        except TimeoutError as e:
+            why = explain(ERR_TIMEOUT, f"{member}, {timeout:.0f} s")
+            raise DaemonError(ERR_TIMEOUT, why) from e
+        except DBusError as e:  # pragma: no cover - dbus-fast returns errors as messages
+            raise DaemonError(e.type, explain(e.type, e.text, pid=pid, unit=unit), e.text) from e
+        except (OSError, EOFError) as e:
+            raise DaemonError(ERR_NO_BUS, explain(ERR_NO_BUS, str(e))) from e
+        if reply.message_type == MessageType.ERROR:
+            name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise DaemonError(name, explain(name, text, pid=pid, unit=unit), text)
+        return reply.body
+
+    # --- the contract -------------------------------------------------------------------
+    async def set_limit(self, pid: int, download: int, upload: int) -> None:
+        await self._call("SetLimit", "utt", [pid, download, upload], write=True, pid=pid)
+
+    async def clear_limit(self, pid: int) -> None:
+        await self._call("ClearLimit", "u", [pid], write=True, pid=pid)
+
+    async def get_stats(self, pid: int) -> dict[str, Any]:
+        (stats,) = await self._call("GetStats", "u", [pid], pid=pid)
+        return _plain(stats)
+
+    async def list_limits(self) -> list[tuple[int, int, int]]:
+        (limits,) = await self._call("ListLimits")
+        return [(int(p), int(d), int(u)) for p, d, u in limits]
+
+    async def set_unit_limit(self, unit: str, download: int, upload: int) -> None:
+        await self._call("SetUnitLimit", "stt", [unit, download, upload], write=True, unit=unit)
+
+    async def clear_unit_limit(self, unit: str) -> None:
+        await self._call("ClearUnitLimit", "s", [unit], write=True, unit=unit)
+
+    async def list_processes(self) -> list[dict[str, Any]]:
+        (procs,) = await self._call("ListProcesses")
+        return [_plain(p) for p in procs]
+
+    async def get_property(self, prop: str) -> Any:
+        (value,) = await self._call("Get", "ss", [names.INTERFACE, prop],
+                                    interface="org.freedesktop.DBus.Properties")
+        return _plain(value)

@@ -1,0 +1,192 @@
+"""Pure presentation: JSON shapes and human text/tables for chadthrottlectl.
+
+The JSON keys are part of the CLI's interface (documented in the README and ``--help``):
+
+* ``stats --json``: one object with the contract's GetStats keys (:data:`STATS_KEYS`);
+  rates and limits in bytes/s, byte counts in bytes, drops in packets.
+* ``top --json``: a list of such objects, highest ``download_rate + upload_rate`` first.
+* ``list --json``: a list of ``{"pid", "comm", "download_limit", "upload_limit"}`` by pid.
+* ``info --json``: ``{"version", "attached_cgroups", "client_version"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from chadthrottle import names
+from chadthrottle.units import format_bytes, format_limit, format_rate
+
+STATS_KEYS: tuple[str, ...] = (
+    "pid", "comm", "cgroup",
+    "download_limit", "upload_limit",
+    "download_rate", "upload_rate",
+    "download_bytes", "upload_bytes",
+    "download_dropped", "upload_dropped",
+    "program_calls", "status",
+)
+_INT_KEYS = frozenset(STATS_KEYS) - {"comm", "cgroup", "status", "download_rate", "upload_rate"}
+_FLOAT_KEYS = frozenset({"download_rate", "upload_rate"})
+
+LIST_KEYS: tuple[str, ...] = ("pid", "comm", "download_limit", "upload_limit")
+INFO_KEYS: tuple[str, ...] = ("version", "attached_cgroups", "client_version")
+
+STATUS_TEXT = {
+    names.STATUS_THROTTLED: "throttled: holding the limit",
+    names.STATUS_NOT_WORKING: "NOT WORKING: rate is above 1.5x the limit",
+    names.STATUS_PROGRAM_NOT_CALLED: "eBPF program NOT BEING CALLED while traffic flows",
+    names.STATUS_NOT_DROPPING: "over the limit but NOT DROPPING packets",
+    names.STATUS_UNLIMITED: "no limit",
+}
+STATUS_STYLE = {
+    names.STATUS_THROTTLED: "green",
+    names.STATUS_NOT_WORKING: "bold red",
+    names.STATUS_PROGRAM_NOT_CALLED: "bold red",
+    names.STATUS_NOT_DROPPING: "bold red",
+    names.STATUS_UNLIMITED: "dim",
+}
+LIMITED_ROW_STYLE = "bold yellow"
+
+
+def stats_json(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """GetStats a{sv} (already unwrapped) -> the stable JSON object.
+
+    Every contract key is present (missing ones become null), in contract order, with JSON
+    types: integers for limits/bytes/drops/calls, floats for rates.  Keys the daemon adds
+    later are passed through after them.
+    """
+    out: dict[str, Any] = {}
+    for key in STATS_KEYS:
+        value = stats.get(key)
+        if value is not None:
+            if key in _INT_KEYS:
+                value = int(value)
+            elif key in _FLOAT_KEYS:
+                value = float(value)
+            else:
+                value = str(value)
+        out[key] = value
+    for key, value in stats.items():
+        if key not in out:
+            out[key] = value
+    return out
+
+
+def is_limited(stats: Mapping[str, Any]) -> bool:
+    return bool(stats.get("download_limit") or stats.get("upload_limit"))
+
+
+def total_rate(stats: Mapping[str, Any]) -> float:
+    return float(stats.get("download_rate") or 0.0) + float(stats.get("upload_rate") or 0.0)
+
+
+def sort_processes(procs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Highest total rate first; ties by pid (stable across refreshes)."""
+    return sorted(procs, key=lambda p: (-total_rate(p), int(p.get("pid") or 0)))
+
+
+def top_json(procs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [stats_json(p) for p in sort_processes(procs)]
+
+
+def list_json(limits: Iterable[tuple[int, int, int]],
+              comms: Mapping[int, str | None]) -> list[dict[str, Any]]:
+    return [
+        {"pid": pid, "comm": comms.get(pid), "download_limit": down, "upload_limit": up}
+        for pid, down, up in sorted(limits)
+    ]
+
+
+def info_json(version: str | None, attached: Iterable[str] | None,
+              client_version: str) -> dict[str, Any]:
+    return {
+        "version": version,
+        "attached_cgroups": list(attached) if attached is not None else None,
+        "client_version": client_version,
+    }
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False)
+
+
+# --- human text ----------------------------------------------------------------------------
+def _drops(n: Any) -> str:
+    n = int(n or 0)
+    return f"{n} packet{'s' if n != 1 else ''} dropped"
+
+
+def stats_text(stats: Mapping[str, Any]) -> str:
+    """The `stats PID` block."""
+    s = stats_json(stats)
+    status = s["status"] or "?"
+    lines = [
+        f"PID {s['pid']} ({s['comm'] or '?'})",
+        f"  cgroup:    {s['cgroup'] or '?'}",
+        f"  status:    {status} ({STATUS_TEXT.get(status, 'unknown status')})",
+    ]
+    for direction in ("download", "upload"):
+        rate = format_rate(s[f"{direction}_rate"] or 0.0)
+        limit = format_limit(s[f"{direction}_limit"] or 0)
+        total = format_bytes(s[f"{direction}_bytes"] or 0)
+        lines.append(
+            f"  {direction + ':':<10} {rate:>11}   limit {limit:<12} total {total:>9}   "
+            f"{_drops(s[f'{direction}_dropped'])}"
+        )
+    lines.append(f"  eBPF program calls: {s['program_calls'] or 0}")
+    return "\n".join(lines)
+
+
+def limits_summary(download: int, upload: int) -> str:
+    if not download and not upload:
+        return "no limit"
+    return f"download {format_limit(download)}, upload {format_limit(upload)}"
+
+
+def list_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("PID", justify="right")
+    table.add_column("NAME")
+    table.add_column("DOWNLOAD LIMIT", justify="right")
+    table.add_column("UPLOAD LIMIT", justify="right")
+    for row in rows:
+        table.add_row(str(row["pid"]), row["comm"] or "?", format_limit(row["download_limit"]),
+                      format_limit(row["upload_limit"]))
+    return table
+
+
+def _limit_cell(limit: Any) -> str:
+    return format_limit(int(limit)) if limit else "-"
+
+
+def top_table(procs: Iterable[Mapping[str, Any]], caption: str | None = None) -> Table:
+    """The `top` table: highest first, limited rows highlighted, status coloured."""
+    table = Table(box=None, pad_edge=False, header_style="bold reverse", caption=caption,
+                  caption_justify="left", expand=False)
+    table.add_column("PID", justify="right")
+    table.add_column("NAME", max_width=16, no_wrap=True)
+    table.add_column("DOWN", justify="right")
+    table.add_column("UP", justify="right")
+    table.add_column("DOWN LIMIT", justify="right")
+    table.add_column("UP LIMIT", justify="right")
+    table.add_column("STATUS")
+    table.add_column("DROPS ↓/↑", justify="right")
+    for p in sort_processes(procs):
+        s = stats_json(p)
+        status = s["status"] or "?"
+        table.add_row(
+            str(s["pid"]),
+            s["comm"] or "?",
+            format_rate(s["download_rate"] or 0.0),
+            format_rate(s["upload_rate"] or 0.0),
+            _limit_cell(s["download_limit"]),
+            _limit_cell(s["upload_limit"]),
+            Text(status, style=STATUS_STYLE.get(status, "")),
+            f"{s['download_dropped'] or 0}/{s['upload_dropped'] or 0}",
+            style=LIMITED_ROW_STYLE if is_limited(s) else None,
+        )
+    return table
