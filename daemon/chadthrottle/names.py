@@ -50,7 +50,7 @@ MAP_PROC_BUDGET = "proc_budget"
 MAP_LIMITS = "limits"
 MAP_UNIT_LIMITS = "unit_limits"
 MAP_PROC_TRAFFIC = "proc_traffic"
-MAP_CONFIG = "config"
+MAP_CONFIG = "ct_config_map"
 MAP_GLOBAL_STATS = "global_stats"
 
 # --- systemd ---

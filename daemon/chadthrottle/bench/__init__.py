@@ -1,0 +1,1 @@
+"""Benchmarks with real traffic on loopback (accuracy, overhead, control plane)."""

@@ -1,0 +1,140 @@
+"""Lifecycle of the one BPF object: open, load, find maps and programs by ELF name, attach,
+detach, close (links first, then the object).
+
+Attachments are bpf_links owned by this process: if the daemon dies, the kernel drops them
+and traffic flows unlimited (fail-open) instead of staying throttled by an orphan program.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from . import libbpf
+
+log = logging.getLogger(__name__)
+
+
+def default_object_path() -> Path:
+    """CHADTHROTTLE_BPF_OBJECT, else the object built into the package's data folder."""
+    env = os.environ.get("CHADTHROTTLE_BPF_OBJECT")
+    if env:
+        return Path(env)
+    return Path(str(resources.files("chadthrottle") / "data" / "throttle.bpf.o"))
+
+
+@dataclass
+class Link:
+    """One attachment; destroy() detaches it."""
+
+    ptr: int
+    program: str
+    target: str  # cgroup path or "tracepoint"
+
+    def destroy(self) -> None:
+        if self.ptr:
+            ret = libbpf.lib().bpf_link__destroy(self.ptr)
+            self.ptr = 0
+            libbpf.check(ret, f"detach {self.program} from {self.target}")
+
+
+class BpfObject:
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path else default_object_path()
+        self._obj: int = 0
+        self._links: list[Link] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def load(self) -> BpfObject:
+        if self._obj:
+            return self
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                errno.ENOENT, f"BPF object not found: {self.path} (run `make build`)"
+            )
+        lb = libbpf.lib()
+        obj = libbpf.check_ptr(lb.bpf_object__open_file(str(self.path).encode(), None),
+                               f"open {self.path}")
+        ret = lb.bpf_object__load(obj)
+        if ret < 0:
+            lb.bpf_object__close(obj)
+            libbpf.check(ret, f"load {self.path.name} (verifier log above)")
+        self._obj = obj
+        log.debug("loaded %s", self.path)
+        return self
+
+    def close(self) -> None:
+        """Detach every link (reverse order of attachment), then free the object."""
+        first_error: OSError | None = None
+        while self._links:
+            link = self._links.pop()
+            try:
+                link.destroy()
+            except OSError as exc:
+                first_error = first_error or exc
+        if self._obj:
+            libbpf.lib().bpf_object__close(self._obj)
+            self._obj = 0
+        if first_error:
+            raise first_error
+
+    def __enter__(self) -> BpfObject:
+        return self.load()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self._obj)
+
+    # -- lookup by ELF name ------------------------------------------------------------------
+    def _need(self) -> int:
+        if not self._obj:
+            raise RuntimeError("BPF object is not loaded")
+        return self._obj
+
+    def map_fd(self, name: str) -> int:
+        lb = libbpf.lib()
+        m = libbpf.check_ptr(lb.bpf_object__find_map_by_name(self._need(), name.encode()),
+                             f"map {name}")
+        return libbpf.check(lb.bpf_map__fd(m), f"fd of map {name}")
+
+    def _program(self, name: str) -> int:
+        return libbpf.check_ptr(
+            libbpf.lib().bpf_object__find_program_by_name(self._need(), name.encode()),
+            f"program {name}",
+        )
+
+    def program_fd(self, name: str) -> int:
+        return libbpf.check(libbpf.lib().bpf_program__fd(self._program(name)), f"fd of {name}")
+
+    # -- attach / detach ---------------------------------------------------------------------
+    def attach_cgroup(self, program: str, cgroup_path: str | Path) -> Link:
+        """Attach a cgroup program through a bpf_link (always multi: coexists with others)."""
+        prog = self._program(program)
+        fd = os.open(str(cgroup_path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            ptr = libbpf.check_ptr(libbpf.lib().bpf_program__attach_cgroup(prog, fd),
+                                   f"attach {program} to {cgroup_path}")
+        finally:
+            os.close(fd)
+        link = Link(ptr, program, str(cgroup_path))
+        self._links.append(link)
+        return link
+
+    def attach_tracing(self, program: str) -> Link:
+        ptr = libbpf.check_ptr(libbpf.lib().bpf_program__attach(self._program(program)),
+                               f"attach {program}")
+        link = Link(ptr, program, "tracepoint")
+        self._links.append(link)
+        return link
+
+    def detach(self, link: Link) -> None:
+        if link in self._links:
+            self._links.remove(link)
+        link.destroy()

@@ -1,0 +1,176 @@
+"""ctypes binding over the system libbpf (libbpf.so.1).
+
+This module owns the CDLL.  Every function it uses is declared once in PROTOTYPES with its
+restype and argtypes (tests/unit/test_libbpf_prototypes.py checks that nothing is called
+undeclared).  Failures become OSError: libbpf >= 1.0 returns -errno from int functions and
+NULL + errno from pointer functions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import logging
+import os
+from ctypes import CFUNCTYPE, c_char_p, c_int, c_size_t, c_uint32, c_uint64, c_void_p
+
+log = logging.getLogger(__name__)
+
+# Map update flags (uapi/linux/bpf.h)
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+BPF_F_LOCK = 4
+
+# Opaque libbpf types
+bpf_object_p = c_void_p
+bpf_map_p = c_void_p
+bpf_program_p = c_void_p
+bpf_link_p = c_void_p
+
+# int (*libbpf_print_fn_t)(enum libbpf_print_level level, const char *, va_list ap)
+PRINT_FN = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
+
+PROTOTYPES: dict[str, tuple[object, list[object]]] = {
+    "libbpf_major_version": (c_uint32, []),
+    "libbpf_minor_version": (c_uint32, []),
+    "libbpf_set_print": (c_void_p, [PRINT_FN]),
+    "libbpf_num_possible_cpus": (c_int, []),
+    "bpf_object__open_file": (bpf_object_p, [c_char_p, c_void_p]),
+    "bpf_object__load": (c_int, [bpf_object_p]),
+    "bpf_object__close": (None, [bpf_object_p]),
+    "bpf_object__find_map_by_name": (bpf_map_p, [bpf_object_p, c_char_p]),
+    "bpf_object__find_program_by_name": (bpf_program_p, [bpf_object_p, c_char_p]),
+    "bpf_map__fd": (c_int, [bpf_map_p]),
+    "bpf_map__value_size": (c_uint32, [bpf_map_p]),
+    "bpf_map__key_size": (c_uint32, [bpf_map_p]),
+    "bpf_program__fd": (c_int, [bpf_program_p]),
+    "bpf_program__attach_cgroup": (bpf_link_p, [bpf_program_p, c_int]),
+    "bpf_program__attach": (bpf_link_p, [bpf_program_p]),
+    "bpf_link__destroy": (c_int, [bpf_link_p]),
+    "bpf_link__fd": (c_int, [bpf_link_p]),
+    "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
+    "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
+    "bpf_map_lookup_elem_flags": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
+    "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
+    "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
+    "bpf_enable_stats": (c_int, [c_int]),
+}
+
+_LIBC_PROTOTYPES: dict[str, tuple[object, list[object]]] = {
+    "vsnprintf": (c_int, [c_char_p, c_size_t, c_char_p, c_void_p]),
+}
+
+_lib: ctypes.CDLL | None = None
+_libc: ctypes.CDLL | None = None
+_print_cb = None  # keep the callback alive for the life of the process
+
+
+def _declare(lib: ctypes.CDLL, table: dict[str, tuple[object, list[object]]]) -> None:
+    for name, (restype, argtypes) in table.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+
+
+def lib() -> ctypes.CDLL:
+    """The libbpf CDLL with every prototype declared (loaded once)."""
+    global _lib, _libc
+    if _lib is None:
+        name = os.environ.get("CHADTHROTTLE_LIBBPF") or "libbpf.so.1"
+        try:
+            handle = ctypes.CDLL(name, use_errno=True)
+        except OSError as exc:
+            raise OSError(_errno.ENOENT, f"cannot load {name} (install libbpf1): {exc}") from exc
+        _declare(handle, PROTOTYPES)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _declare(libc, _LIBC_PROTOTYPES)
+        _lib, _libc = handle, libc
+        _install_print()
+    return _lib
+
+
+def _install_print() -> None:
+    """Route libbpf's messages (verifier logs included) into Python logging."""
+    global _print_cb
+    levels = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+    bpflog = logging.getLogger("chadthrottle.libbpf")
+
+    def _cb(level: int, fmt: bytes, va_list: int) -> int:
+        try:
+            buf = ctypes.create_string_buffer(4096)
+            assert _libc is not None
+            n = _libc.vsnprintf(buf, len(buf), fmt, va_list)
+            bpflog.log(levels.get(level, logging.DEBUG), "%s", buf.value.decode(errors="replace").rstrip())
+            return n
+        except Exception:  # never let an exception cross into C
+            return 0
+
+    _print_cb = PRINT_FN(_cb)
+    assert _lib is not None
+    _lib.libbpf_set_print(_print_cb)
+
+
+def version() -> tuple[int, int]:
+    lb = lib()
+    return int(lb.libbpf_major_version()), int(lb.libbpf_minor_version())
+
+
+def check(ret: int, what: str) -> int:
+    """Turn libbpf's -errno convention into OSError."""
+    if ret < 0:
+        err = -ret
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def check_ptr(ptr: int | None, what: str) -> int:
+    """Pointer-returning libbpf functions give NULL and set errno."""
+    if not ptr:
+        err = ctypes.get_errno() or _errno.EINVAL
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ptr
+
+
+# ---- thin typed helpers on map fds ------------------------------------------------------------
+
+def map_update(fd: int, key: ctypes._CData, value: ctypes._CData, flags: int = BPF_ANY) -> None:
+    check(lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags), "map update")
+
+
+def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData, flags: int = 0) -> bool:
+    """Fill value; False when the key is absent."""
+    ret = lib().bpf_map_lookup_elem_flags(fd, ctypes.byref(key), ctypes.byref(value), flags)
+    if ret == -_errno.ENOENT:
+        return False
+    check(ret, "map lookup")
+    return True
+
+
+def map_delete(fd: int, key: ctypes._CData) -> bool:
+    """False when the key was absent."""
+    ret = lib().bpf_map_delete_elem(fd, ctypes.byref(key))
+    if ret == -_errno.ENOENT:
+        return False
+    check(ret, "map delete")
+    return True
+
+
+def map_keys(fd: int, key_type: type) -> list:
+    """Every key of a hash map (snapshot; entries may change meanwhile)."""
+    keys = []
+    cur = None
+    nxt = key_type()
+    lb = lib()
+    while True:
+        ret = lb.bpf_map_get_next_key(fd, None if cur is None else ctypes.byref(cur), ctypes.byref(nxt))
+        if ret == -_errno.ENOENT:
+            return keys
+        check(ret, "map get_next_key")
+        keys.append(nxt.value if hasattr(nxt, "value") else nxt)
+        cur = key_type.from_buffer_copy(nxt)
+
+
+def num_possible_cpus() -> int:
+    return check(lib().libbpf_num_possible_cpus(), "num_possible_cpus")
