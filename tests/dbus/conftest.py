@@ -1,0 +1,190 @@
+"""Fixtures for tests that need a real bus: a private dbus-daemon with the project's policy,
+and the real chadthrottled on it.  Everything started here is stopped by its pid in a
+``finally``; every directory created here is removed.
+
+Other test folders may reuse them with ``pytest_plugins = ["tests.dbus.conftest"]`` or by
+importing the helpers (``Bus``, ``start_daemon``, ``dbus_send``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "daemon"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+from chadthrottle import names  # noqa: E402
+from chadthrottle.server.devrun import PrivateBus  # noqa: E402
+
+BPF_OBJECT = SRC / "chadthrottle" / "data" / names.BPF_OBJECT_FILE
+DAEMON_STOP_TIMEOUT = 15.0
+
+requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, cgroups, users)")
+requires_bpf_object = pytest.mark.skipif(
+    not BPF_OBJECT.exists(), reason=f"{BPF_OBJECT} missing: run `make build`"
+)
+
+
+def env_with(address: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DBUS_SYSTEM_BUS_ADDRESS"] = address
+    env["PYTHONPATH"] = str(SRC) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("WATCHDOG_USEC", None)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Reply:
+    ok: bool
+    error: str | None  # D-Bus error name
+    text: str  # stdout on success, error text otherwise
+
+
+def dbus_send(address: str, member: str, *args: str, interface: str = names.INTERFACE,
+              uid: int | None = None, gid: int | None = None, timeout: float = 30) -> Reply:
+    """A real client: ``dbus-send --system --print-reply`` (as ``uid`` if given)."""
+    cmd = ["dbus-send", "--system", "--print-reply", f"--reply-timeout={int(timeout * 1000)}",
+           f"--dest={names.BUS_NAME}", names.OBJECT_PATH, f"{interface}.{member}", *args]
+    if uid is not None:
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid if gid is not None else uid}",
+               "--clear-groups", *cmd]
+    p = subprocess.run(cmd, env=env_with(address), capture_output=True, text=True,
+                       timeout=timeout + 5)
+    if p.returncode == 0:
+        return Reply(True, None, p.stdout)
+    m = re.match(r"Error (\S+): ?(.*)", p.stderr.strip(), re.S)
+    return Reply(False, m.group(1) if m else "?", m.group(2) if m else p.stderr)
+
+
+def name_has_owner(address: str, name: str) -> bool:
+    p = subprocess.run(
+        ["dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus",
+         "/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner", f"string:{name}"],
+        env=env_with(address), capture_output=True, text=True, timeout=10)
+    return "boolean true" in p.stdout
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL, by this process's own pid."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    address: str
+    log_path: Path
+    pid: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def call(self, member: str, *args: str, **kw) -> Reply:
+        return dbus_send(self.address, member, *args, **kw)
+
+    def stop(self) -> int:
+        return stop_pid(self.proc, DAEMON_STOP_TIMEOUT)
+
+
+def start_daemon(address: str, log_path: Path, *extra_args: str, prefix: list[str] | None = None,
+                 env: dict[str, str] | None = None, timeout: float = 20.0) -> Daemon:
+    """Start the real chadthrottled on ``address`` and wait until it owns its name."""
+    cmd = [*(prefix or []), sys.executable, "-m", "chadthrottle.server.main",
+           "--log-target=stderr", *extra_args]
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed below, the child keeps its copy
+    try:
+        proc = subprocess.Popen(cmd, env=env or env_with(address), stdout=log_file,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    finally:
+        log_file.close()
+    d = Daemon(proc, address, log_path)
+    deadline = time.monotonic() + timeout
+    while not name_has_owner(address, names.BUS_NAME):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_pid(proc)
+            raise RuntimeError(f"chadthrottled did not come up (rc={proc.returncode}):\n"
+                               + d.log()[-4000:])
+        time.sleep(0.05)
+    return d
+
+
+@pytest.fixture(scope="session")
+def system_bus():
+    """A private dbus-daemon with a system-like config and OUR dbus/ policy; its address.
+
+    The socket is world-connectable (tests connect as an unprivileged user and polkitd).
+    """
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon is not installed")
+    d = tempfile.mkdtemp(prefix="chadthrottle-bus-")
+    os.chmod(d, 0o755)
+    bus = PrivateBus(d, policy_dir=ROOT / "dbus")
+    try:
+        yield bus.start()
+    finally:
+        bus.stop()  # by pid; removes the directory
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(system_bus, tmp_path):
+    """The real chadthrottled on the private bus; asserts it exits 0 on SIGTERM."""
+    if os.geteuid() != 0:
+        pytest.skip("chadthrottled needs root")
+    if not BPF_OBJECT.exists():
+        pytest.skip(f"{BPF_OBJECT} missing: run `make build`")
+    d = start_daemon(system_bus, tmp_path / "chadthrottled.log")
+    try:
+        yield d
+    finally:
+        rc = d.stop()
+        assert rc == 0, f"chadthrottled exited {rc} on SIGTERM:\n{d.log()[-4000:]}"
+
+
+@pytest.fixture
+def sleeper():
+    """A factory of idle processes (optionally as another uid), stopped by pid afterwards."""
+    procs: list[subprocess.Popen] = []
+
+    def make(uid: int | None = None, gid: int | None = None) -> subprocess.Popen:
+        cmd = ["sleep", "300"]
+        if uid is not None:
+            cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid if gid is not None else uid}",
+                   "--clear-groups", *cmd]
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        procs.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in procs:
+            stop_pid(p)
