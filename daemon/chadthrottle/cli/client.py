@@ -66,13 +66,13 @@ def explain(name: str, text: str, *, pid: int | None = None, unit: str | None = 
             f"{names.POLKIT_ACTION_LIMIT_ANY} (or run as root)"
         )
     if name == names.ERR_NO_SUCH_PROCESS:
-        return f"no such process: {what} does not exist or is a kernel thread" + (
-            f" ({text})" if text else "")
+        return f"no such process: {text}" if text else \
+            f"no such process: {what} does not exist or is a kernel thread"
     if name == names.ERR_NO_SUCH_LIMIT:
-        return f"{what} has no limit" + (f" ({text})" if text else "")
+        return f"{what} has no limit"
     if name == names.ERR_NO_SUCH_UNIT:
-        return (f"no such unit or cgroup: {unit!r}" if unit else "no such unit or cgroup") + (
-            f" ({text})" if text else "")
+        return f"no such unit or cgroup: {text}" if text else \
+            f"no such unit or cgroup: {unit!r}"
     if name == names.ERR_INVALID_LIMIT:
         return f"invalid limit: {text}" if text else "invalid limit"
     if name == names.ERR_UNSUPPORTED:

@@ -36,11 +36,11 @@ LIST_KEYS: tuple[str, ...] = ("pid", "comm", "download_limit", "upload_limit")
 INFO_KEYS: tuple[str, ...] = ("version", "attached_cgroups", "client_version")
 
 STATUS_TEXT = {
-    names.STATUS_THROTTLED: "throttled: holding the limit",
+    names.STATUS_THROTTLED: "limited; holding the limit",
     names.STATUS_NOT_WORKING: "NOT WORKING: rate is above 1.5x the limit",
     names.STATUS_PROGRAM_NOT_CALLED: "eBPF program NOT BEING CALLED while traffic flows",
     names.STATUS_NOT_DROPPING: "over the limit but NOT DROPPING packets",
-    names.STATUS_UNLIMITED: "no limit",
+    names.STATUS_UNLIMITED: "no limit set",
 }
 STATUS_STYLE = {
     names.STATUS_THROTTLED: "green",
