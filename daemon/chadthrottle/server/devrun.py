@@ -62,6 +62,10 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
     <deny send_destination="org.freedesktop.DBus"
           send_interface="org.freedesktop.DBus.Debug.Stats"/>
   </policy>
+  <policy user="root">
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Monitoring"/>
+  </policy>
   <include ignore_missing="yes">{project_policy}</include>
   <include ignore_missing="yes">{polkit_policy}</include>
   <limit name="max_replies_per_connection">50000</limit>
