@@ -360,6 +360,7 @@ def test_run_holds_a_curl_download_with_children_included(ctl, http_server) -> N
     got, seconds = int(got), float(seconds)
     assert got == size
     ratio = got / seconds / MIB
+    print(f"run -d 1MiB -- sh -c 'curl …': {got} B in {seconds:.2f} s = {ratio:.3f}x the limit")
     assert 0.8 <= ratio <= 1.25, f"achieved {ratio:.3f}x of 1 MiB/s over {seconds:.2f} s"
     assert wall >= seconds
     # the limit is gone once the command ended
