@@ -1,0 +1,176 @@
+"""Issue 3, authorization with a real unprivileged user (created here, removed afterwards)
+and a real polkitd on the private bus: the caller's uid comes from the bus; root may do
+all; a user may limit their own processes when polkit allows limit-own; another user's
+process needs limit-any; reads are open; without polkit only uid 0 may change limits."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, env_with, name_has_owner, requires_root, stop_pid
+
+from chadthrottle import names
+
+pytestmark = requires_root
+
+POLKITD = Path("/usr/lib/polkit-1/polkitd")
+ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
+RULES_DIR = Path("/etc/polkit-1/rules.d")
+POLICY = ROOT / "dbus" / "org.chadthrottle.throttle.policy"
+NOT_AUTHORIZED = names.ERR_NOT_AUTHORIZED
+
+
+@pytest.fixture
+def user():
+    """A fresh system user without home or shell; (name, uid, gid); removed afterwards."""
+    name = "ctt" + secrets.token_hex(4)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    "--user-group", name], check=True, capture_output=True)
+    try:
+        pw = pwd.getpwnam(name)
+        yield name, pw.pw_uid, pw.pw_gid
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+def _polkitd(address: str, rules: str | None):
+    """Run polkitd on the private bus with our action file (and optional rules)."""
+    if not POLKITD.exists():
+        pytest.skip("polkitd is not installed")
+    installed_policy = None
+    rules_file = None
+    proc = None
+    try:
+        target = ACTIONS_DIR / POLICY.name
+        if not target.exists():
+            shutil.copyfile(POLICY, target)
+            installed_policy = target
+        if rules is not None:
+            rules_file = RULES_DIR / f"10-chadthrottle-test-{secrets.token_hex(4)}.rules"
+            rules_file.write_text(rules)
+            shutil.chown(rules_file, "polkitd", "root")
+            rules_file.chmod(0o644)
+        proc = subprocess.Popen([str(POLKITD), "--no-debug"], env=env_with(address),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 15
+        while not name_has_owner(address, "org.freedesktop.PolicyKit1"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read() if proc.poll() is not None else ""
+                pytest.fail(f"polkitd did not come up on the private bus: {err}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc is not None:
+            stop_pid(proc)
+        if rules_file is not None:
+            rules_file.unlink(missing_ok=True)
+        if installed_policy is not None:
+            installed_policy.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def polkit_allowing_own(system_bus, user):
+    name = user[0]
+    rules = f"""
+polkit.addRule(function(action, subject) {{
+    if (action.id == "{names.POLKIT_ACTION_LIMIT_OWN}" && subject.user == "{name}")
+        return polkit.Result.YES;
+}});
+"""
+    yield from _polkitd(system_bus, rules)
+
+
+@pytest.fixture
+def polkit_defaults(system_bus):
+    yield from _polkitd(system_bus, None)
+
+
+def _limits(daemon) -> str:
+    r = daemon.call("ListLimits")
+    assert r.ok, r
+    return r.text
+
+
+def _reads_are_open(daemon, uid, gid, pid):
+    assert daemon.call("GetStats", f"uint32:{pid}", uid=uid, gid=gid).ok
+    assert daemon.call("ListLimits", uid=uid, gid=gid).ok
+    assert daemon.call("ListProcesses", uid=uid, gid=gid).ok
+
+
+def test_without_polkit_only_root_may_change_limits(daemon, user, sleeper):
+    _, uid, gid = user
+    assert not name_has_owner(daemon.address, "org.freedesktop.PolicyKit1")
+    own = sleeper(uid, gid)
+    roots = sleeper()
+    for pid in (own.pid, roots.pid):
+        r = daemon.call("SetLimit", f"uint32:{pid}", "uint64:51200", "uint64:0", uid=uid, gid=gid)
+        assert r.error == NOT_AUTHORIZED, r
+    r = daemon.call("SetUnitLimit", "string:init.scope", "uint64:51200", "uint64:0",
+                    uid=uid, gid=gid)
+    assert r.error == NOT_AUTHORIZED, r
+    assert f"uint32 {own.pid}" not in _limits(daemon)
+    # root may; the user may not undo it
+    assert daemon.call("SetLimit", f"uint32:{own.pid}", "uint64:51200", "uint64:0").ok
+    r = daemon.call("ClearLimit", f"uint32:{own.pid}", uid=uid, gid=gid)
+    assert r.error == NOT_AUTHORIZED, r
+    assert f"uint32 {own.pid}" in _limits(daemon)
+    _reads_are_open(daemon, uid, gid, own.pid)
+    assert daemon.call("ClearLimit", f"uint32:{own.pid}").ok
+
+
+def test_polkit_rules_allow_own_processes_only(polkit_allowing_own, daemon, user, sleeper):
+    _, uid, gid = user
+    own = sleeper(uid, gid)
+    other = sleeper()  # root's
+    nobody = sleeper(65534, 65534)
+    r = daemon.call("SetLimit", f"uint32:{own.pid}", "uint64:51200", "uint64:0", uid=uid, gid=gid)
+    assert r.ok, r
+    assert f"uint32 {own.pid}" in _limits(daemon)
+    for pid in (other.pid, nobody.pid):
+        r = daemon.call("SetLimit", f"uint32:{pid}", "uint64:51200", "uint64:0",
+                        uid=uid, gid=gid)
+        assert r.error == NOT_AUTHORIZED, r
+        assert f"uint32 {pid}" not in _limits(daemon)
+    # a limit root set on someone else's process cannot be cleared by the user
+    assert daemon.call("SetLimit", f"uint32:{other.pid}", "uint64:51200", "uint64:0").ok
+    r = daemon.call("ClearLimit", f"uint32:{other.pid}", uid=uid, gid=gid)
+    assert r.error == NOT_AUTHORIZED, r
+    # a whole unit is "any"
+    r = daemon.call("SetUnitLimit", "string:init.scope", "uint64:51200", "uint64:0",
+                    uid=uid, gid=gid)
+    assert r.error == NOT_AUTHORIZED, r
+    _reads_are_open(daemon, uid, gid, other.pid)
+    assert daemon.call("ClearLimit", f"uint32:{own.pid}", uid=uid, gid=gid).ok
+    assert daemon.call("ClearLimit", f"uint32:{other.pid}").ok
+    assert "uint32" not in _limits(daemon).split("array", 1)[1]
+
+
+def test_polkit_defaults_deny_a_user_without_an_active_session(polkit_defaults, daemon, user,
+                                                               sleeper):
+    """No logind session here: limit-own falls to allow_any (auth_self_keep) and, with no
+    authentication agent, is denied; root is never asked."""
+    _, uid, gid = user
+    own = sleeper(uid, gid)
+    r = daemon.call("SetLimit", f"uint32:{own.pid}", "uint64:51200", "uint64:0", uid=uid, gid=gid)
+    assert r.error == NOT_AUTHORIZED, r
+    assert daemon.call("SetLimit", f"uint32:{own.pid}", "uint64:51200", "uint64:0").ok
+    assert daemon.call("ClearLimit", f"uint32:{own.pid}").ok
+    _reads_are_open(daemon, uid, gid, own.pid)
+
+
+def test_uid_comes_from_the_bus_not_from_arguments(daemon, user, sleeper):
+    """There is no argument to lie with: the same call as root succeeds, as the user not."""
+    _, uid, gid = user
+    p = sleeper(uid, gid)
+    assert daemon.call("SetLimit", f"uint32:{p.pid}", "uint64:51200", "uint64:0",
+                       uid=uid, gid=gid).error == NOT_AUTHORIZED
+    assert os.geteuid() == 0
+    assert daemon.call("SetLimit", f"uint32:{p.pid}", "uint64:51200", "uint64:0").ok
+    assert daemon.call("ClearLimit", f"uint32:{p.pid}").ok
