@@ -271,7 +271,9 @@ async def cmd_top(c: Client, args: argparse.Namespace, out: Console) -> int:
         print(render.dumps(render.top_json(await top.snapshot(c))))
     elif not sys.stdout.isatty():
         procs = await top.snapshot(c)
-        out.print(render.top_table(procs, top.caption(None, len(procs), args.interval, False)))
+        version = await c.get_property("Version")
+        out.print(render.top_table(procs, top.caption(version, len(procs), args.interval,
+                                                      False)))
     else:
         await top.live(c, args.interval, args.iterations, out)
     return EXIT_OK
@@ -363,7 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExecFailed as e:
         error(str(e))
         return e.exit_code
-    except BrokenPipeError:
+    except BrokenPipeError:  # `chadthrottlectl top --json | head`: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
         return EXIT_OK
 
 
