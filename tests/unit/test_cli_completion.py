@@ -50,8 +50,28 @@ def test_bash_completes_commands_options_and_values() -> None:
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh not installed")
-def test_zsh_script_is_valid() -> None:
+def test_zsh_script_is_valid_and_completes(tmp_path) -> None:
     subprocess.run(["zsh", "-n"], input=script("zsh", build_parser()), text=True, check=True)
+    path = tmp_path / "ct.zsh"
+    path.write_text(script("zsh", build_parser()))
+    # bashcompinit calls the function under `emulate -L sh` (0-based arrays): do the same
+    prog = f"""autoload -U compinit && compinit -u -d {tmp_path}/zcompdump
+source {path}
+t() {{ emulate -L sh; setopt kshglob noshglob braceexpand
+      COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); _chadthrottlectl
+      print -r -- "${{COMPREPLY[*]}}"; }}
+t chadthrottlectl li
+t chadthrottlectl unit ''
+t chadthrottlectl run -u 5
+"""
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["zsh", "-f", "-c", prog], capture_output=True, text=True,
+                         check=True, timeout=30, env=env).stdout.splitlines()
+    # zsh's compgen returns every candidate and lets compadd match the prefix: do that here
+    typed = ["li", "", "5"]
+    got = [[w for w in line.split() if w.startswith(prefix)]
+           for line, prefix in zip(out, typed, strict=True)]
+    assert got == [["limit", "list"], ["limit", "clear"], ["50K", "512KiB/s"]]
 
 
 def test_zsh_script_wraps_the_bash_one() -> None:

@@ -132,7 +132,8 @@ def test_error_explanations_are_plain() -> None:
         "no such process: pid 2 is a kernel thread"
     assert "has no limit" in x(names.ERR_NO_SUCH_LIMIT, "", pid=42)
     assert "'foo.scope'" in x(names.ERR_NO_SUCH_UNIT, "", unit="foo.scope")
-    assert x(names.ERR_NO_SUCH_UNIT, "no unit 'x'", unit="x") == "no such unit or cgroup: no unit 'x'"
+    assert x(names.ERR_NO_SUCH_UNIT, "no unit 'x'", unit="x") == \
+        "no such unit or cgroup: no unit 'x'"
     assert "journalctl" in x(names.ERR_FAILED, "boom")
     assert "cgroup setup" in x(names.ERR_UNSUPPORTED, "no BTF")
     assert x("com.example.Other", "raw text") == "raw text"
