@@ -132,3 +132,24 @@ def test_unreachable_bus_is_exit_1_with_a_plain_hint(capsys, tmp_path) -> None:
     err = capsys.readouterr().err
     assert "systemctl start chadthrottled" in err
     assert "[org.chadthrottle.Throttle1.Client.NoBus]" in err
+
+
+def test_the_cli_is_a_bus_client_only() -> None:
+    """DESIGN §4: the CLI never imports the engine, the service or the server."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import chadthrottle
+
+    src = str(Path(chadthrottle.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = ("import sys, chadthrottle.cli.main, chadthrottle.cli.top, chadthrottle.cli.run; "
+            "print(sorted(m for m in sys.modules if m.startswith('chadthrottle.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    assert "chadthrottle.cli.client" in out
+    for forbidden in ("chadthrottle.engine", "chadthrottle.service", "chadthrottle.server",
+                      "chadthrottle.libbpf", "chadthrottle.bpfobject"):
+        assert forbidden not in out
