@@ -399,6 +399,23 @@ def test_run_never_starts_the_command_unlimited(ctl, tmp_path) -> None:
     assert not marker.exists()
 
 
+def test_run_forwards_sigterm_and_clears_the_limit(ctl, bus_env) -> None:
+    with started([sys.executable, "-m", "chadthrottle.cli", "run", "-d", "1M", "--",
+                  "sleep", "300"], env=bus_env) as run:
+        deadline = time.monotonic() + 15
+        while not (kids := _children(run.pid)) or \
+                kids[0] not in [x["pid"] for x in list_json(ctl)]:
+            assert run.poll() is None and time.monotonic() < deadline, "not limited in time"
+            time.sleep(0.1)
+        child = kids[0]
+        with open(f"/proc/{child}/comm") as f:
+            assert f.read().strip() == "sleep"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(15) == 128 + signal.SIGTERM
+    assert not os.path.exists(f"/proc/{child}")
+    assert child not in [x["pid"] for x in list_json(ctl)]
+
+
 # --- top -----------------------------------------------------------------------------------------
 def _children(pid: int) -> list[int]:
     try:
