@@ -143,3 +143,14 @@ def test_error_explanations_are_plain() -> None:
 def test_daemon_error_carries_name_and_message() -> None:
     e = client.DaemonError(names.ERR_NO_SUCH_PROCESS, "no such process", "detail")
     assert (e.name, str(e), e.detail) == (names.ERR_NO_SUCH_PROCESS, "no such process", "detail")
+
+
+def test_names_are_data_not_markup() -> None:
+    from chadthrottle.cli.main import make_console
+
+    console = make_console()
+    with console.capture() as cap:
+        console.print(render.top_table([proc(1, 5.0, comm="[bold]x:smile:")]))
+        console.print("unit [red]a.scope")
+    text = cap.get()
+    assert "[bold]x:smile:" in text and "unit [red]a.scope" in text

@@ -334,13 +334,20 @@ def check_args(args: argparse.Namespace) -> None:
         parser.error("a limit of 0 in both directions would not limit anything")
 
 
+def make_console() -> Console:
+    """Process names, unit names and paths are data: no rich markup, emoji or highlighting
+    is applied to them ('[x]' in a comm stays '[x]')."""
+    return Console(highlight=False, markup=False, emoji=False,
+                   width=None if sys.stdout.isatty() else 160)
+
+
 def error(message: str, name: str | None = None) -> None:
     suffix = f" [{name}]" if name else ""
     print(f"{PROG}: {message}{suffix}", file=sys.stderr)
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
-    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    out = make_console()
     async with Client(args.bus) as client:
         return await COMMANDS[args.cmd](client, args, out)
 

@@ -55,7 +55,7 @@ async def snapshot(client: Client) -> list[dict]:
 async def live(client: Client, interval: float, iterations: int | None,
                console: Console | None = None) -> None:
     """Refresh every `interval` seconds until `q` (or `iterations` refreshes)."""
-    console = console or Console()
+    console = console or Console(highlight=False, markup=False, emoji=False)
     try:
         version = await client.get_property("Version")
     except Exception:  # noqa: BLE001 - the caption is cosmetic
