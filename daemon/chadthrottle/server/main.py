@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
 
@@ -161,8 +162,23 @@ class Daemon:
         log.info("detached; bye")
 
 
+def raise_fd_limit() -> int:
+    """One pidfd per limit (plus our duplicate for the event loop): lift the soft
+    RLIMIT_NOFILE to the hard one (asyncio uses epoll, so large fd numbers are fine)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    raise_fd_limit()
     try:
         logsetup.setup(args.log_level, args.log_target)
     except ValueError as e:

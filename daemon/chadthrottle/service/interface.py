@@ -15,7 +15,6 @@ Two halves:
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
@@ -88,15 +87,22 @@ class Throttle1(ServiceInterface):
         super().__init__(names.INTERFACE)
         self._engine = engine
         self._loop = loop
-        self._pidfds: dict[int, int] = {}  # limited pid -> pidfd watched by the loop
+        self._pidfds: dict[int, int] = {}  # limited pid -> engine's pidfd watched by the loop
         self._attached: list[str] = []
 
     # ----------------------------------------------------------------- translations
     def serve_SetLimit(self, pid: int, download: int, upload: int) -> list:
-        lim = self._engine.set_limit(pid, download, upload)
+        # the engine owns the pidfd and may close it here: stop watching it first
+        was_watched = self._unwatch(pid)
+        try:
+            lim = self._engine.set_limit(pid, download, upload)
+        except Exception:
+            if was_watched:
+                self._watch(pid)
+            raise
         if lim is None or (lim.download == 0 and lim.upload == 0):
             # "both 0 removes it"
-            if self._unwatch(pid):
+            if was_watched:
                 self.LimitRemoved(pid, names.REASON_CLEARED)
         else:
             self._watch(pid)
@@ -105,8 +111,13 @@ class Throttle1(ServiceInterface):
         return []
 
     def serve_ClearLimit(self, pid: int) -> list:
-        self._engine.clear_limit(pid)
-        self._unwatch(pid)
+        was_watched = self._unwatch(pid)
+        try:
+            self._engine.clear_limit(pid)
+        except Exception:
+            if was_watched:
+                self._watch(pid)
+            raise
         self.LimitRemoved(pid, names.REASON_CLEARED)
         return []
 
@@ -133,13 +144,15 @@ class Throttle1(ServiceInterface):
         if pid in self._pidfds or self._loop is None:
             return
         try:
-            # our own duplicate: the engine may close its pidfd whenever it likes
-            fd = os.dup(self._engine.limit_pidfd(pid))
+            # the engine's pidfd (no duplicate: 10,000 limits must fit RLIMIT_NOFILE); it is
+            # unwatched before every engine call that may close it, and reap() only closes
+            # fds of processes that exited, with no fd opened before we unwatch them
+            fd = self._engine.limit_pidfd(pid)
         except Exception:  # the periodic reap() still catches the exit
             log.debug("no pidfd for %d", pid, exc_info=True)
             return
         self._pidfds[pid] = fd
-        self._loop.add_reader(fd, self.reap)
+        self._loop.add_reader(fd, self._on_exit, pid)
 
     def _unwatch(self, pid: int) -> bool:
         fd = self._pidfds.pop(pid, None)
@@ -147,7 +160,6 @@ class Throttle1(ServiceInterface):
             return False
         if self._loop is not None:
             self._loop.remove_reader(fd)
-        os.close(fd)
         return True
 
     def reap(self) -> list[int]:
@@ -156,11 +168,15 @@ class Throttle1(ServiceInterface):
         for pid in gone:
             self._unwatch(pid)
             self.LimitRemoved(pid, names.REASON_EXITED)
-        # a pidfd stays readable after exit: never leave a reader spinning
-        for pid, fd in list(self._pidfds.items()):
-            if _pidfd_exited(fd):
-                self._unwatch(pid)
         return gone
+
+    def _on_exit(self, pid: int) -> None:
+        """A watched pidfd turned readable: the process exited."""
+        try:
+            self.reap()
+        finally:
+            # a pidfd stays readable after the exit: never leave its reader spinning
+            self._unwatch(pid)
 
     def unwatch_all(self) -> None:
         for pid in list(self._pidfds):
@@ -226,16 +242,6 @@ class Throttle1(ServiceInterface):
             for arg, name in zip(m.out_args, OUT_ARG_NAMES.get(m.name, ()), strict=False):
                 arg.name = name
         return iface
-
-
-def _pidfd_exited(fd: int) -> bool:
-    import select
-
-    try:
-        r, _, _ = select.select([fd], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(r)
 
 
 # --------------------------------------------------------------------------- the gate
