@@ -197,6 +197,10 @@ class Engine:
         if not self.obj:
             raise RuntimeError("engine is not open")
 
+    def map_fd(self, name: str) -> int:
+        """File descriptor of one of the object's maps (for inspection and tests)."""
+        return self._fds[name]
+
     # ---- attachment --------------------------------------------------------------------------
     @property
     def attached_cgroups(self) -> list[str]:

@@ -254,10 +254,170 @@ def main(argv: Sequence[str] | None = None) -> None:
     s = sub.add_parser("serve")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=0)
+    f = sub.add_parser("fetch", help="download URL to stdout, paced by the reader")
+    f.add_argument("url")
+    f.add_argument("--rate", type=int, required=True, help="bytes per second")
+    f.add_argument("--seconds", type=float, required=True)
     a = ap.parse_args(argv)
     if a.cmd == "serve":
         serve(a.host, a.port)
+    elif a.cmd == "fetch":
+        fetch(a.url, a.rate, a.seconds)
+
+
+def fetch(url: str, rate: int, seconds: float) -> None:
+    """A client that paces itself by reading slowly (TCP's window does the rest): a
+    steady, self-limited flow for tests of connections that exist before a limit."""
+    import urllib.request
+
+    out = sys.stdout.buffer
+    t0 = time.monotonic()
+    got = 0
+    step = max(rate // 50, 1024)  # 20 ms worth of data per read
+    with urllib.request.urlopen(url, timeout=seconds + 5) as resp:
+        while time.monotonic() - t0 < seconds:
+            b = resp.read(step)
+            if not b:
+                break
+            out.write(b)
+            out.flush()
+            got += len(b)
+            ahead = got / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def paced_download(url: str, rate: int, seconds: float) -> list[str]:
+    return [sys.executable, "-m", "chadthrottle.bench.traffic", "fetch", url, "--rate",
+            str(rate), "--seconds", str(seconds)]
 
 
 if __name__ == "__main__":
     main()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Iperf3:
+    """iperf3 (the Debian package) on loopback: a one-off server and a client started
+    paused, so a limit can be set on the client's pid before its first packet.
+
+    ``reverse``: the server sends (the client downloads).  The result's ``intervals`` are
+    the *receiver's* per-interval bytes (server's own report when uploading)."""
+
+    def __init__(self, *, seconds: float, reverse: bool = False, udp_bps: int = 0,
+                 host: str = "127.0.0.1", interval: float = 0.25, extra: Sequence[str] = ()):
+        self.host = host
+        self.port = free_port(host)
+        self.server = subprocess.Popen(
+            ["iperf3", "-s", "-1", "-J", "-B", host, "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_listening(host, self.port, self.server)
+        argv = ["iperf3", "-c", host, "-p", str(self.port), "-t", str(seconds), "-J",
+                "-i", str(interval), "--get-server-output", *extra]
+        if reverse:
+            argv.append("-R")
+        if udp_bps:
+            argv += ["-u", "-b", str(udp_bps * 8)]
+        self.reverse = reverse
+        self.seconds = seconds
+        r, w = os.pipe()
+        gate = ("import os, sys; r = int(sys.argv[1]); os.read(r, 1); os.close(r); "
+                "os.execvp(sys.argv[2], sys.argv[2:])")
+        self.client = subprocess.Popen([sys.executable, "-c", gate, str(r), *argv],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       pass_fds=(r,), text=True)
+        os.close(r)
+        self._gate_w: int | None = w
+        self.pid = self.client.pid
+
+    def release(self) -> None:
+        if self._gate_w is not None:
+            os.write(self._gate_w, b"g")
+            os.close(self._gate_w)
+            self._gate_w = None
+
+    def result(self) -> dict:
+        """Wait for the client; JSON with 'intervals' [(t_end, bytes)] of the receiver,
+        'retransmits' and the raw report."""
+        import json
+
+        self.release()
+        try:
+            out, err = self.client.communicate(timeout=self.seconds + 20)
+        except subprocess.TimeoutExpired:
+            self.client.kill()
+            out, err = self.client.communicate()
+        rep = json.loads(out) if out.strip().startswith("{") else {"error": err or out}
+        if "error" in rep:
+            raise RuntimeError(f"iperf3 failed: {rep['error']}")
+        if self.reverse:
+            ivals = rep["intervals"]
+        else:
+            ivals = rep.get("server_output_json", {}).get("intervals") or rep["intervals"]
+        series = [(iv["sum"]["end"], iv["sum"]["bytes"]) for iv in ivals]
+        end = rep.get("end", {})
+        retr = end.get("sum_sent", {}).get("retransmits", 0) or 0
+        return {"intervals": series, "retransmits": retr, "report": rep}
+
+    def close(self) -> None:
+        if self._gate_w is not None:
+            os.close(self._gate_w)
+            self._gate_w = None
+        for p in (self.client, self.server):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+    def __enter__(self) -> Iperf3:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def series_rate(intervals: Sequence[tuple[float, int]], t_from: float, t_to: float) -> float:
+    """Average rate of an interval series [(t_end, bytes)] between two times."""
+    total = 0.0
+    prev_end = 0.0
+    for end, nbytes in intervals:
+        start = prev_end
+        prev_end = end
+        lo, hi = max(start, t_from), min(end, t_to)
+        if hi > lo and end > start:
+            total += nbytes * (hi - lo) / (end - start)
+    return total / (t_to - t_from)
+
+
+def _listening(port: int) -> bool:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def _wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float = 5) -> None:
+    """Wait for the LISTEN socket without connecting (iperf3 -1 would count a probe)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("iperf3 server exited")
+        if _listening(port):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"iperf3 server did not listen on {host} port {port}")
