@@ -30,10 +30,11 @@ from .errors import InvalidLimit, NoSuchLimit, NoSuchProcess, NoSuchUnit, Unsupp
 
 log = logging.getLogger(__name__)
 
-#: burst = BURST_SECONDS of the rate, at least BURST_MIN bytes (DESIGN §3b: about 200 ms of
+#: burst = BURST_SECONDS of the rate, at least BURST_MIN bytes = one 64 KiB GSO/GRO segment, so
+#: tokens are not capped below what one packet needs (DESIGN §3b: about 200 ms of
 #: the rate keeps TCP out of its 200 ms minimum RTO; a 64 KiB bucket collapses fast flows).
 BURST_SECONDS = 0.2
-BURST_MIN = 16 * 1024
+BURST_MIN = 64 * 1024
 #: tokens a new bucket starts with: a full bucket would let the first second through at
 #: rate + burst; starting nearly empty keeps the first second close to the limit.
 INITIAL_TOKENS = 1

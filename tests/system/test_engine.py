@@ -62,6 +62,8 @@ def test_download_tcp_ipv6_is_limited(engine, http6):
 def test_tcp_iperf3_is_limited(engine, reverse):
     with Iperf3(seconds=SECONDS, reverse=reverse) as ip:
         engine.set_limit(ip.pid, MiB if reverse else 0, 0 if reverse else MiB)
+        ip.wait_test_end()
+        engine.clear_limit(ip.pid)
         res = ip.result()
     r = series_rate(res["intervals"], 2, SECONDS) / MiB
     assert in_band(r), f"iperf3 {'download' if reverse else 'upload'} ratio {r:.3f}"
@@ -71,6 +73,8 @@ def test_tcp_iperf3_is_limited(engine, reverse):
 def test_udp_is_limited(engine, reverse):
     with Iperf3(seconds=4, reverse=reverse, udp_bps=8 * MiB) as ip:
         engine.set_limit(ip.pid, MiB if reverse else 0, 0 if reverse else MiB)
+        ip.wait_test_end()
+        engine.clear_limit(ip.pid)
         res = ip.result()
     r = series_rate(res["intervals"], 1, 4) / MiB
     assert in_band(r), f"UDP ratio {r:.3f} (offered 8x the limit)"

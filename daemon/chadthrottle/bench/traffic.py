@@ -192,15 +192,15 @@ class Transfer:
                 break
 
     def bytes_at(self, t: float) -> int:
-        """Bytes received by time t (seconds since start), interpolated."""
-        prev = (0.0, 0)
-        for s in self.samples:
-            if s[0] >= t:
-                if s[0] == prev[0]:
-                    return s[1]
-                return int(prev[1] + (s[1] - prev[1]) * (t - prev[0]) / (s[0] - prev[0]))
-            prev = s
-        return prev[1]
+        """Bytes the client had written by time t (seconds since start).  A step function:
+        data arrives in lumps (64 KB segments on loopback) and interpolating between reads
+        would smear a lump that arrived later into an earlier window."""
+        got = 0
+        for when, total in self.samples:
+            if when > t:
+                break
+            got = total
+        return got
 
     def rate(self, t_from: float, t_to: float) -> float:
         return (self.bytes_at(t_to) - self.bytes_at(t_from)) / (t_to - t_from)
@@ -334,6 +334,7 @@ class Iperf3:
                                        pass_fds=(r,), text=True)
         os.close(r)
         self._gate_w: int | None = w
+        self._released = 0.0
         self.pid = self.client.pid
 
     def release(self) -> None:
@@ -341,6 +342,14 @@ class Iperf3:
             os.write(self._gate_w, b"g")
             os.close(self._gate_w)
             self._gate_w = None
+            self._released = time.monotonic()
+
+    def wait_test_end(self) -> None:
+        """Sleep until the measured part of the test is over.  Callers then lift the limit:
+        iperf3 ends a test over its control connection, which shares the client's budget
+        with a data connection whose backlog can starve it for a long time at low rates."""
+        self.release()
+        time.sleep(max(0.0, self._released + self.seconds + 0.5 - time.monotonic()))
 
     def result(self) -> dict:
         """Wait for the client; JSON with 'intervals' [(t_end, bytes)] of the receiver,
@@ -348,14 +357,18 @@ class Iperf3:
         import json
 
         self.release()
+        timed_out = False
         try:
-            out, err = self.client.communicate(timeout=self.seconds + 20)
+            out, err = self.client.communicate(timeout=self.seconds + 30)
         except subprocess.TimeoutExpired:
+            timed_out = True
             self.client.kill()
             out, err = self.client.communicate()
-        rep = json.loads(out) if out.strip().startswith("{") else {"error": err or out}
-        if "error" in rep:
-            raise RuntimeError(f"iperf3 failed: {rep['error']}")
+        rep = json.loads(out) if out.strip().startswith("{") else {}
+        if "error" in rep or not rep:
+            why = rep.get("error") or err.strip() or out.strip()[-300:] or "no output"
+            raise RuntimeError(f"iperf3 client failed (exit {self.client.returncode}"
+                               f"{', timed out' if timed_out else ''}): {why}")
         if self.reverse:
             ivals = rep["intervals"]
         else:
@@ -386,16 +399,17 @@ class Iperf3:
 
 
 def series_rate(intervals: Sequence[tuple[float, int]], t_from: float, t_to: float) -> float:
-    """Average rate of an interval series [(t_end, bytes)] between two times."""
+    """Average rate over the intervals [(t_end, bytes)] that lie inside [t_from, t_to]
+    (a longer last interval, such as iperf3's report of the test's tail, is left out)."""
     total = 0.0
+    covered = 0.0
     prev_end = 0.0
     for end, nbytes in intervals:
-        start = prev_end
-        prev_end = end
-        lo, hi = max(start, t_from), min(end, t_to)
-        if hi > lo and end > start:
-            total += nbytes * (hi - lo) / (end - start)
-    return total / (t_to - t_from)
+        start, prev_end = prev_end, end
+        if start >= t_from - 1e-3 and end <= t_to + 0.05:
+            total += nbytes
+            covered += end - start
+    return total / covered if covered > 0 else 0.0
 
 
 def _listening(port: int) -> bool:
