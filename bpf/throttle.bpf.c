@@ -52,7 +52,7 @@ struct {
 } unit_limits SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH); /* per-CPU: no atomics on the hot path */
 	__uint(max_entries, CT_MAX_TRAFFIC);
 	__type(key, __u32); /* tgid */
 	__type(value, struct ct_traffic);
@@ -129,11 +129,11 @@ static __always_inline void account(__u32 tgid, int dir, __u64 len)
 		if (!t)
 			return;
 	}
-	__sync_fetch_and_add(&t->bytes[dir & 1], len);
-	__sync_fetch_and_add(&t->packets[dir & 1], 1);
+	t->bytes[dir & 1] += len;
+	t->packets[dir & 1]++;
 }
 
-static __always_inline int unit_charge(struct __sk_buff *skb, int dir, __u64 len, __u64 now)
+static __always_inline int unit_charge(struct __sk_buff *skb, int dir, __u64 len)
 {
 	__u32 zero = 0;
 	struct ct_config *cfg = bpf_map_lookup_elem(&ct_config_map, &zero);
@@ -152,7 +152,7 @@ static __always_inline int unit_charge(struct __sk_buff *skb, int dir, __u64 len
 		if (!id)
 			continue;
 		struct ct_limit *ul = bpf_map_lookup_elem(&unit_limits, &id);
-		if (ul && !charge(ul, dir, len, now)) {
+		if (ul && !charge(ul, dir, len, bpf_ktime_get_ns())) {
 			pass = 0;
 			break;
 		}
@@ -166,7 +166,6 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 	struct ct_global *g = bpf_map_lookup_elem(&global_stats, &zero);
 	struct bpf_sock *sk = skb->sk;
 	__u64 len = skb->len;
-	__u64 now = bpf_ktime_get_ns();
 	int pass = 1;
 
 	if (g)
@@ -185,7 +184,7 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 				struct ct_limit *l = bpf_map_lookup_elem(&limits, budget);
 
 				if (l)
-					pass = charge(l, dir, len, now);
+					pass = charge(l, dir, len, bpf_ktime_get_ns());
 			}
 			if (pass)
 				account(tgid, dir, len);
@@ -194,7 +193,7 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 		}
 	}
 	if (pass)
-		pass = unit_charge(skb, dir, len, now);
+		pass = unit_charge(skb, dir, len);
 	if (pass)
 		return CT_PASS;
 	if (g)

@@ -198,6 +198,11 @@ class Engine:
         if not self.obj:
             raise RuntimeError("engine is not open")
 
+    def program_fd(self, name: str) -> int:
+        self._need()
+        assert self.obj
+        return self.obj.program_fd(name)
+
     def map_fd(self, name: str) -> int:
         """File descriptor of one of the object's maps (for inspection and tests)."""
         return self._fds[name]
@@ -491,13 +496,26 @@ class Engine:
         return v
 
     def _read_traffic(self) -> dict[int, tuple[int, int, int, int]]:
+        """Per-process counters summed over CPUs (the map is per-CPU)."""
         fd = self._fds[names.MAP_PROC_TRAFFIC]
         out = {}
-        v = abi.Traffic()
+        vals = (abi.Traffic * libbpf.num_possible_cpus())()
+        lb = libbpf.lib()
         for tgid in libbpf.map_keys(fd, ctypes.c_uint32):
-            if libbpf.map_lookup(fd, ctypes.c_uint32(tgid), v):
-                out[tgid] = (v.bytes[0], v.bytes[1], v.packets[0], v.packets[1])
+            if lb.bpf_map_lookup_elem(fd, ctypes.byref(ctypes.c_uint32(tgid)),
+                                      ctypes.byref(vals)) == 0:
+                out[tgid] = (sum(v.bytes[0] for v in vals), sum(v.bytes[1] for v in vals),
+                             sum(v.packets[0] for v in vals), sum(v.packets[1] for v in vals))
         return out
+
+    def _traffic_of(self, tgid: int) -> tuple[int, int, int, int]:
+        vals = (abi.Traffic * libbpf.num_possible_cpus())()
+        if libbpf.lib().bpf_map_lookup_elem(self._fds[names.MAP_PROC_TRAFFIC],
+                                            ctypes.byref(ctypes.c_uint32(tgid)),
+                                            ctypes.byref(vals)) != 0:
+            return (0, 0, 0, 0)
+        return (sum(v.bytes[0] for v in vals), sum(v.bytes[1] for v in vals),
+                sum(v.packets[0] for v in vals), sum(v.packets[1] for v in vals))
 
     def global_counters(self) -> abi.Global:
         """Whole-program counters summed over CPUs."""
@@ -615,8 +633,7 @@ class Engine:
                 download_calls=dn.calls, upload_calls=up.calls,
                 download_socket_rate=wd.socket_rate, upload_socket_rate=wu.socket_rate,
             )
-        t = abi.Traffic()
-        libbpf.map_lookup(self._fds[names.MAP_PROC_TRAFFIC], ctypes.c_uint32(pid), t)
+        t = self._traffic_of(pid)
         rd = ru = 0.0
         if w and dt > 0 and pid in w[1].traffic:
             a = w[0].traffic.get(pid, (0, 0, 0, 0))
@@ -625,12 +642,11 @@ class Engine:
         return ProcessStats(
             pid=pid, comm=procfs.comm(pid), cgroup=cgroups.display(rel),
             download_limit=0, upload_limit=0, download_rate=rd, upload_rate=ru,
-            download_bytes=t.bytes[0], upload_bytes=t.bytes[1],
-            download_packets=t.packets[0], upload_packets=t.packets[1],
+            download_bytes=t[0], upload_bytes=t[1],
+            download_packets=t[2], upload_packets=t[3],
             download_dropped=0, upload_dropped=0, download_dropped_bytes=0,
-            upload_dropped_bytes=0, program_calls=t.packets[0] + t.packets[1],
-            status=names.STATUS_UNLIMITED, download_calls=t.packets[0],
-            upload_calls=t.packets[1],
+            upload_dropped_bytes=0, program_calls=t[2] + t[3],
+            status=names.STATUS_UNLIMITED, download_calls=t[2], upload_calls=t[3],
         )
 
     def list_processes(self) -> list[ProcessStats]:
