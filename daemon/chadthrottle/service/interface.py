@@ -167,7 +167,10 @@ class Throttle1(ServiceInterface):
         gone = self._engine.reap()
         for pid in gone:
             self._unwatch(pid)
-            self.LimitRemoved(pid, names.REASON_EXITED)
+            try:
+                self.LimitRemoved(pid, names.REASON_EXITED)
+            except Exception:  # the bus is going away; the limit is gone all the same
+                log.warning("could not announce the exit of %d", pid, exc_info=True)
         return gone
 
     def _on_exit(self, pid: int) -> None:
