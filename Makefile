@@ -81,14 +81,32 @@ lint: deps
 	$(Q)$(VENV)/bin/ruff check daemon tests
 
 # ---- install (honours DESTDIR and PREFIX) ---------------------------------------------------
+# dbus-daemon and polkitd read policy only from their own data directories (or /etc), never
+# from $(PREFIX): those files go to DBUS_DATADIR / POLKIT_ACTIONDIR.  The package is installed
+# with the distribution's python (its pip needs --break-system-packages on Debian, PEP 668;
+# the flag is passed when pip knows it).  Runtime deps: python3-dbus-fast python3-systemd
+# python3-rich (or pip).
+INSTALL_PYTHON   ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,$(PYTHON))
+DBUS_DATADIR     ?= /usr/share/dbus-1
+POLKIT_ACTIONDIR ?= /usr/share/polkit-1/actions
+UNITDIR          ?= $(PREFIX)/lib/systemd/system
+# Debian's python installs below <prefix>/local ("posix_local" scheme): hand it the parent of
+# a */local PREFIX, and the plain Debian layout (DEB_PYTHON_INSTALL_LAYOUT=deb) otherwise.
+PY_DEB_LOCAL      = $(shell $(INSTALL_PYTHON) -c 'import sysconfig; print(int("posix_local" in sysconfig.get_scheme_names()))' 2>/dev/null)
+PIP_PREFIX        = $(if $(and $(filter 1,$(PY_DEB_LOCAL)),$(filter %/local,$(PREFIX))),$(patsubst %/local,%,$(PREFIX)),$(PREFIX))
+PIP_ENV           = $(if $(filter 1,$(PY_DEB_LOCAL)),$(if $(filter %/local,$(PREFIX)),,DEB_PYTHON_INSTALL_LAYOUT=deb))
+PIP_SYSTEM_FLAGS  = $(shell $(INSTALL_PYTHON) -m pip install --help 2>/dev/null | grep -q -- --break-system-packages && echo --break-system-packages)
+
 install: build
-	$(Q)$(PYTHON) -m pip install --root "$(if $(DESTDIR),$(DESTDIR),/)" --prefix "$(PREFIX)" --no-deps --no-build-isolation .
-	$(Q)install -Dm644 packaging/chadthrottled.service $(DESTDIR)$(PREFIX)/lib/systemd/system/chadthrottled.service
-	$(Q)sed -i 's|@BINDIR@|$(PREFIX)/bin|g' $(DESTDIR)$(PREFIX)/lib/systemd/system/chadthrottled.service
-	$(Q)install -Dm644 dbus/org.chadthrottle.Throttle1.conf $(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.chadthrottle.Throttle1.conf
-	$(Q)install -Dm644 dbus/org.chadthrottle.Throttle1.service $(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.chadthrottle.Throttle1.service
-	$(Q)install -Dm644 dbus/org.chadthrottle.Throttle1.xml $(DESTDIR)$(PREFIX)/share/dbus-1/interfaces/org.chadthrottle.Throttle1.xml
-	$(Q)install -Dm644 dbus/org.chadthrottle.throttle.policy $(DESTDIR)$(PREFIX)/share/polkit-1/actions/org.chadthrottle.throttle.policy
+	$(Q)$(PIP_ENV) $(INSTALL_PYTHON) -m pip install -q --root "$(if $(DESTDIR),$(DESTDIR),/)" --prefix "$(PIP_PREFIX)" \
+	  --no-deps --no-build-isolation --no-warn-script-location $(PIP_SYSTEM_FLAGS) .
+	$(Q)install -Dm644 packaging/chadthrottled.service $(DESTDIR)$(UNITDIR)/chadthrottled.service
+	$(Q)sed -i 's|@BINDIR@|$(PREFIX)/bin|g' $(DESTDIR)$(UNITDIR)/chadthrottled.service
+	$(Q)install -Dm644 dbus/org.chadthrottle.Throttle1.conf $(DESTDIR)$(DBUS_DATADIR)/system.d/org.chadthrottle.Throttle1.conf
+	$(Q)install -Dm644 dbus/org.chadthrottle.Throttle1.service $(DESTDIR)$(DBUS_DATADIR)/system-services/org.chadthrottle.Throttle1.service
+	$(Q)install -Dm644 dbus/org.chadthrottle.Throttle1.xml $(DESTDIR)$(DBUS_DATADIR)/interfaces/org.chadthrottle.Throttle1.xml
+	$(Q)install -Dm644 dbus/org.chadthrottle.throttle.policy $(DESTDIR)$(POLKIT_ACTIONDIR)/org.chadthrottle.throttle.policy
+	@echo "  installed; now: systemctl daemon-reload; systemctl reload dbus; systemctl enable --now chadthrottled"
 
 clean:
 	$(Q)rm -rf $(OBJ_DIR)/*.o bpf/vmlinux.h build *.egg-info bench-out
