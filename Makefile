@@ -26,7 +26,7 @@ PLOT        ?=
 PYTEST_ARGS ?=
 
 APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 curl dbus polkitd pkexec \
-                libsystemd-dev pkg-config python3-venv iproute2 systemd
+                libsystemd-dev pkg-config python3-venv iproute2 systemd zsh
 
 .PHONY: all deps build run test bench install uninstall clean lint
 
@@ -70,8 +70,10 @@ build: $(VENV)/.apt-stamp $(BPF_OBJ)
 run: deps build
 	$(Q)$(PY) -m chadthrottle.server.devrun
 
+# pytest exits 5 when it collected no test: that is a failure here, never a silent pass
 test: deps build
-	$(Q)$(PY) -m pytest $(PYTEST_ARGS)
+	$(Q)rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no test" >&2; exit 1; fi; exit $$rc
 
 bench: deps build
 	$(Q)$(PY) -m chadthrottle.bench accuracy $(if $(JSON),--json) $(if $(PLOT),--plot bench-out)

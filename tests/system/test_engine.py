@@ -162,8 +162,13 @@ def _budget_entries(engine: Engine) -> int:
 
 
 def test_process_exit_removes_entries(engine):
-    proc = subprocess.Popen(["sh", "-c", "sleep 0.5 & sleep 0.3; wait"])
+    from chadthrottle import procfs
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 1 & sleep 0.7; wait"])
     try:
+        deadline = time.monotonic() + 5
+        while len(procfs.children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         engine.set_limit(proc.pid, MiB, MiB)
         assert _budget_entries(engine) >= 2
         proc.wait(5)
