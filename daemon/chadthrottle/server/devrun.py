@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--private-bus", action="store_true",
                    help="always start a private bus, even if a system bus answers")
+    p.add_argument("--bus-dir", default=str(DEV_DIR),
+                   help=f"directory of the private bus (default: {DEV_DIR})")
     args, daemon_args = p.parse_known_args(argv)
     if os.geteuid() != 0:
         print("devrun: chadthrottled needs root (BPF, cgroups): run it with sudo", file=sys.stderr)
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_policy_installed(address)
         print(f"devrun: using the system bus at {address}", file=sys.stderr)
     else:
-        bus = PrivateBus(DEV_DIR)
+        bus = PrivateBus(args.bus_dir)
         address = bus.start()
         print("devrun: no system bus is running; started a private one. In other shells:",
               file=sys.stderr)
