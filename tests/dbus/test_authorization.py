@@ -10,6 +10,7 @@ import pwd
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,3 +175,83 @@ def test_uid_comes_from_the_bus_not_from_arguments(daemon, user, sleeper):
     assert os.geteuid() == 0
     assert daemon.call("SetLimit", f"uint32:{p.pid}", "uint64:51200", "uint64:0").ok
     assert daemon.call("ClearLimit", f"uint32:{p.pid}").ok
+
+
+def test_call_without_interface_field_is_gated_too(daemon, user, sleeper):
+    """dbus-fast would dispatch a call without an interface field straight to the @method;
+    the gate (and the bus policy) must stop it: default deny."""
+    _, uid, gid = user
+    own = sleeper(uid, gid)
+    code = (
+        "import asyncio, sys\n"
+        "from dbus_fast import Message\n"
+        "from dbus_fast.aio import MessageBus\n"
+        "async def main():\n"
+        f"    bus = await MessageBus(bus_address={daemon.address!r}).connect()\n"
+        f"    r = await bus.call(Message(destination={names.BUS_NAME!r}, "
+        f"path={names.OBJECT_PATH!r}, member='SetLimit', signature='utt', "
+        f"body=[{own.pid}, 51200, 0]))\n"
+        "    print(r.message_type.name, r.error_name)\n"
+        "asyncio.run(main())\n"
+    )
+    p = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                        sys.executable, "-c", code], env=env_with(daemon.address),
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    kind, err = p.stdout.split()
+    assert kind == "ERROR", p.stdout
+    assert err in (NOT_AUTHORIZED, "org.freedesktop.DBus.Error.AccessDenied"), p.stdout
+    assert f"uint32 {own.pid}" not in _limits(daemon)
+
+
+def test_gate_intercepts_calls_with_and_without_interface():
+    """Unit test of the dispatcher (the bus policy above already refuses interface-less
+    calls; the gate must not rely on it): every member of ours is intercepted, with or
+    without the interface field; wrong signatures get InvalidArgs; the rest is left to
+    the library."""
+    import asyncio
+
+    from dbus_fast import Message, MessageType
+
+    from chadthrottle.service.interface import MEMBERS, Gate
+
+    class Auth:
+        async def authorize_change(self, sender, **kw):
+            from chadthrottle.errors import NotAuthorized
+
+            raise NotAuthorized("no")
+
+        async def authorize_read(self, sender):
+            return 0
+
+    class Bus:
+        sent: list = []
+
+        def send(self, m):
+            self.sent.append(m)
+
+    async def run():
+        bus = Bus()
+        gate = Gate(bus, object(), Auth())
+        for iface in (names.INTERFACE, None):
+            for m in MEMBERS.values():
+                body = {"u": [5], "utt": [5, 0, 0], "s": ["x"], "stt": ["x", 0, 0], "": []}
+                msg = Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
+                              interface=iface, member=m.name, signature=m.in_sig,
+                              body=body[m.in_sig], serial=1, sender=":1.9")
+                assert gate(msg) is True, (iface, m.name)
+        await gate.drain()
+        mutating = [r for r in bus.sent if r.error_name == names.ERR_NOT_AUTHORIZED]
+        assert len(mutating) == 2 * sum(m.mutating for m in MEMBERS.values())
+        wrong = Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
+                        interface=None, member="SetLimit", signature="u", body=[5], serial=2,
+                        sender=":1.9")
+        r = gate(wrong)
+        assert r.message_type is MessageType.ERROR
+        assert r.error_name == "org.freedesktop.DBus.Error.InvalidArgs"
+        other = Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
+                        interface="org.freedesktop.DBus.Introspectable", member="Introspect",
+                        serial=3, sender=":1.9")
+        assert gate(other) is None
+
+    asyncio.run(run())
