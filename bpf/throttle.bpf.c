@@ -133,15 +133,12 @@ static __always_inline void account(__u32 tgid, int dir, __u64 len)
 	t->packets[dir & 1]++;
 }
 
-static __always_inline int unit_charge(struct __sk_buff *skb, int dir, __u64 len)
+static __always_inline int unit_charge(struct __sk_buff *skb, struct ct_config *cfg, int dir,
+				       __u64 len)
 {
-	__u32 zero = 0;
-	struct ct_config *cfg = bpf_map_lookup_elem(&ct_config_map, &zero);
 	__u64 levels;
 	int pass = 1;
 
-	if (!cfg)
-		return 1;
 	levels = cfg->unit_levels;
 	if (!levels)
 		return 1;
@@ -160,16 +157,27 @@ static __always_inline int unit_charge(struct __sk_buff *skb, int dir, __u64 len
 	return pass;
 }
 
+static __always_inline void bump_member_gen(void)
+{
+	__u32 zero = 0;
+	struct ct_config *cfg = bpf_map_lookup_elem(&ct_config_map, &zero);
+
+	if (cfg)
+		__sync_fetch_and_add(&cfg->member_gen, 1);
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int dir)
 {
 	__u32 zero = 0;
 	struct ct_global *g = bpf_map_lookup_elem(&global_stats, &zero);
+	struct ct_config *cfg = bpf_map_lookup_elem(&ct_config_map, &zero);
 	struct bpf_sock *sk = skb->sk;
 	__u64 len = skb->len;
 	int pass = 1;
 
-	if (g)
-		g->calls[dir & 1]++;
+	if (!g || !cfg)
+		return CT_PASS;
+	g->calls[dir & 1]++;
 
 	if (sk)
 		sk = bpf_sk_fullsock(sk);
@@ -178,26 +186,33 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 
 		if (tag) {
 			__u32 tgid = tag->tgid;
-			__u32 *budget = bpf_map_lookup_elem(&proc_budget, &tgid);
+			__u64 gen = cfg->member_gen;
+			__u32 budget = tag->budget;
 
+			if (tag->gen != gen) { /* membership changed since: look it up again */
+				__u32 *b = bpf_map_lookup_elem(&proc_budget, &tgid);
+
+				budget = b ? *b : 0;
+				tag->budget = budget;
+				tag->gen = gen;
+			}
 			if (budget) {
-				struct ct_limit *l = bpf_map_lookup_elem(&limits, budget);
+				struct ct_limit *l = bpf_map_lookup_elem(&limits, &budget);
 
 				if (l)
 					pass = charge(l, dir, len, bpf_ktime_get_ns());
 			}
 			if (pass)
 				account(tgid, dir, len);
-		} else if (g) {
+		} else {
 			g->untagged[dir & 1]++;
 		}
 	}
 	if (pass)
-		pass = unit_charge(skb, dir, len);
+		pass = unit_charge(skb, cfg, dir, len);
 	if (pass)
 		return CT_PASS;
-	if (g)
-		g->dropped[dir & 1]++;
+	g->dropped[dir & 1]++;
 	return dir == CT_DIR_UPLOAD ? CT_DROP_CN : CT_DROP;
 }
 
@@ -219,8 +234,10 @@ int ct_sock_create(struct bpf_sock *sk)
 {
 	struct ct_sk_tag *tag = bpf_sk_storage_get(&sk_tag, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
-	if (tag)
+	if (tag) {
 		tag->tgid = bpf_get_current_pid_tgid() >> 32;
+		tag->gen = (__u64)-1; /* no cached budget yet */
+	}
 	return 1;
 }
 
@@ -239,6 +256,7 @@ int BPF_PROG(ct_fork, struct task_struct *parent, struct task_struct *child)
 		__u32 b = *budget;
 
 		bpf_map_update_elem(&proc_budget, &ctgid, &b, BPF_ANY);
+		bump_member_gen();
 	}
 	return 0;
 }
@@ -252,7 +270,8 @@ int BPF_PROG(ct_exit, struct task_struct *p)
 
 	if (BPF_CORE_READ(p, signal, live.counter) != 0)
 		return 0;
-	bpf_map_delete_elem(&proc_budget, &tgid);
+	if (bpf_map_delete_elem(&proc_budget, &tgid) == 0)
+		bump_member_gen();
 	return 0;
 }
 

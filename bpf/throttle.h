@@ -51,10 +51,13 @@ struct ct_limit {
 	struct ct_bucket dir[CT_DIRS];
 };
 
-/* Socket-local storage: the process (tgid) that owns the socket. */
+/* Socket-local storage: the process (tgid) that owns the socket, and a cache of its
+ * budget, valid while `gen` equals ct_config.member_gen (bumped on every membership
+ * change), so the common packet skips the proc_budget lookup. */
 struct ct_sk_tag {
 	__u32 tgid;
-	__u32 _pad0;
+	__u32 budget; /* 0: none */
+	__u64 gen;
 };
 
 /* Per-process byte counters for every process with tagged traffic (LRU bounded). */
@@ -66,6 +69,7 @@ struct ct_traffic {
 /* Runtime configuration written by the daemon (array map, one entry). */
 struct ct_config {
 	__u64 unit_levels; /* bit L set: some unit limit sits at cgroup level L */
+	__u64 member_gen;  /* bumped whenever proc_budget changes (user space, fork, exit) */
 };
 
 /* Whole-program counters (per-CPU array, one entry). */
@@ -77,9 +81,9 @@ struct ct_global {
 
 _Static_assert(sizeof(struct ct_bucket) == 72, "ct_bucket ABI");
 _Static_assert(sizeof(struct ct_limit) == 152, "ct_limit ABI");
-_Static_assert(sizeof(struct ct_sk_tag) == 8, "ct_sk_tag ABI");
+_Static_assert(sizeof(struct ct_sk_tag) == 16, "ct_sk_tag ABI");
 _Static_assert(sizeof(struct ct_traffic) == 32, "ct_traffic ABI");
-_Static_assert(sizeof(struct ct_config) == 8, "ct_config ABI");
+_Static_assert(sizeof(struct ct_config) == 16, "ct_config ABI");
 _Static_assert(sizeof(struct ct_global) == 48, "ct_global ABI");
 
 #endif /* CHADTHROTTLE_THROTTLE_H */

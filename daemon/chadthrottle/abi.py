@@ -45,7 +45,8 @@ class Limit(ctypes.Structure):
 class SkTag(ctypes.Structure):
     _fields_ = [
         ("tgid", c_uint32),
-        ("_pad0", c_uint32),
+        ("budget", c_uint32),
+        ("gen", c_uint64),
     ]
 
 
@@ -59,6 +60,7 @@ class Traffic(ctypes.Structure):
 class Config(ctypes.Structure):
     _fields_ = [
         ("unit_levels", c_uint64),
+        ("member_gen", c_uint64),
     ]
 
 

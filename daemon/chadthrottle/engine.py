@@ -99,6 +99,7 @@ class _Budget:
     upload: int
     burst_download: int
     burst_upload: int
+    members: set[int] = field(default_factory=set)  # enrolled from user space
     socket_prev: tuple[float, int, int] | None = None  # (time, received, acked)
     socket_rate: tuple[float, float] = (0.0, 0.0)
     socket_checked: float = 0.0
@@ -338,18 +339,19 @@ class Engine:
                 if child not in members:
                     members.append(child)
                     libbpf.map_update(fd, ctypes.c_uint32(child), bid)
+        b.members.update(members)
+        self._write_config(bump_members=True)
         for m in members:
             try:
-                rel = self._attach_for_pid(m)
+                self._attach_for_pid(m)
             except NoSuchProcess:
                 continue
-            del rel
             self._tag_sockets(m)
 
     def _tag_sockets(self, pid: int) -> int:
         """Tag sockets that existed before (created before the programs were attached, or by
         another process and inherited).  Returns how many were tagged."""
-        tag = abi.SkTag(tgid=pid)
+        tag = abi.SkTag(tgid=pid, budget=0, gen=2**64 - 1)  # no cached budget yet
         n = 0
         with procfs.inet_sockets(pid) as socks:
             for _, s in socks:
@@ -391,12 +393,16 @@ class Engine:
         log.info("PID %d: limit cleared", pid)
 
     def _drop_budget(self, b: _Budget) -> None:
+        """Forget a budget.  Members enrolled from user space are removed here; children the
+        kernel enrolled at fork point to a budget id that no longer exists (never reused),
+        so they pass unlimited, and leave the map at exit or at the next sweep."""
         self._budgets.pop(b.pid, None)
         fd = self._fds[names.MAP_PROC_BUDGET]
-        for member in libbpf.map_keys(fd, ctypes.c_uint32):
-            v = ctypes.c_uint32()
+        v = ctypes.c_uint32()
+        for member in b.members:
             if libbpf.map_lookup(fd, ctypes.c_uint32(member), v) and v.value == b.bid:
                 libbpf.map_delete(fd, ctypes.c_uint32(member))
+        self._write_config(bump_members=True)
         libbpf.map_delete(self._fds[names.MAP_LIMITS], ctypes.c_uint32(b.bid))
         os.close(b.pidfd)
 
@@ -423,13 +429,27 @@ class Engine:
         b = self._budgets.get(pid)
         if b is None:
             raise NoSuchLimit(f"process {pid} has no limit")
+        return sorted(self._member_table().get(b.bid, []))
+
+    def _member_table(self) -> dict[int, list[int]]:
+        """budget id -> member tgids, from one walk of proc_budget (the kernel's view)."""
         fd = self._fds[names.MAP_PROC_BUDGET]
-        out = []
+        table: dict[int, list[int]] = {}
+        v = ctypes.c_uint32()
         for member in libbpf.map_keys(fd, ctypes.c_uint32):
-            v = ctypes.c_uint32()
-            if libbpf.map_lookup(fd, ctypes.c_uint32(member), v) and v.value == b.bid:
-                out.append(member)
-        return sorted(out)
+            if libbpf.map_lookup(fd, ctypes.c_uint32(member), v):
+                table.setdefault(v.value, []).append(member)
+        return table
+
+    def _sweep_members(self) -> None:
+        """Remove proc_budget entries of budgets that no longer exist."""
+        live = {b.bid for b in self._budgets.values()}
+        fd = self._fds[names.MAP_PROC_BUDGET]
+        stale = [m for bid, ms in self._member_table().items() if bid not in live for m in ms]
+        for m in stale:
+            libbpf.map_delete(fd, ctypes.c_uint32(m))
+        if stale:
+            self._write_config(bump_members=True)
 
     # ---- per-cgroup (unit) limits ------------------------------------------------------------
     def set_unit_limit(self, unit_or_cgroup: str, download: int, upload: int) -> UnitLimit | None:
@@ -481,12 +501,20 @@ class Engine:
         return [UnitLimit(u.rel, u.cgroup_id, u.download, u.upload)
                 for u in sorted(self._units.values(), key=lambda u: u.rel)]
 
-    def _write_config(self) -> None:
+    def _write_config(self, bump_members: bool = False) -> None:
+        """Rewrite the config entry.  bump_members: proc_budget changed, so every socket's
+        cached budget must be looked up again (the kernel bumps it at fork and exit too;
+        racing with those bumps is harmless: either side moves the generation)."""
         levels = 0
         for u in self._units.values():
             levels |= 1 << u.level
-        libbpf.map_update(self._fds[names.MAP_CONFIG], ctypes.c_uint32(0),
-                          abi.Config(unit_levels=levels))
+        fd = self._fds[names.MAP_CONFIG]
+        cfg = abi.Config()
+        libbpf.map_lookup(fd, ctypes.c_uint32(0), cfg)
+        cfg.unit_levels = levels
+        if bump_members:
+            cfg.member_gen += 1
+        libbpf.map_update(fd, ctypes.c_uint32(0), cfg)
 
     # ---- statistics --------------------------------------------------------------------------
     def _read_budget(self, b: _Budget) -> abi.Limit:
@@ -548,6 +576,7 @@ class Engine:
         self._sample_count += 1
         if self._sample_count % 10 == 0:
             self._forget_dead(s.traffic)
+            self._sweep_members()
 
     def _forget_dead(self, traffic: dict[int, tuple[int, int, int, int]]) -> None:
         fd = self._fds[names.MAP_PROC_TRAFFIC]
@@ -564,6 +593,7 @@ class Engine:
         """Cross-check limits whose program saw nothing with the sockets' own TCP counters
         (the kernel's independent count): traffic there means the program is not called."""
         w = self._window()
+        table: dict[int, list[int]] | None = None  # built at most once per sample
         for pid, b in self._budgets.items():
             calls = 0
             if w and pid in w[0].budgets and pid in w[1].budgets:
@@ -576,11 +606,9 @@ class Engine:
                 continue
             b.socket_checked = now
             recv = acked = 0
-            try:
-                members = self.members(pid)
-            except NoSuchLimit:
-                continue
-            for m in members:
+            if table is None:
+                table = self._member_table()
+            for m in table.get(b.bid, []):
                 with procfs.inet_sockets(m) as socks:
                     for _, s in socks:
                         c = procfs.tcp_counters(s)
