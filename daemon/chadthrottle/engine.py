@@ -23,6 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from . import abi, cgroups, libbpf, names, procfs, verdict
 from .bpfobject import BpfObject, Link
@@ -40,8 +41,10 @@ BURST_MIN = 64 * 1024
 INITIAL_TOKENS = 1
 #: rates (GetStats, ListProcesses) are averaged over this many seconds of samples
 RATE_WINDOW = 2.0
-#: how often a limit whose program saw nothing is cross-checked with the sockets' TCP_INFO
+#: how often a limit whose program saw nothing is cross-checked with the sockets' TCP_INFO,
+#: and how many such checks one sample may do (bounds a sample with thousands of idle limits)
 SOCKET_CHECK_INTERVAL = 5.0
+SOCKET_CHECKS_PER_SAMPLE = 32
 
 CGROUP_PROGRAMS = (names.PROG_SOCK_CREATE, names.PROG_INGRESS, names.PROG_EGRESS)
 TRACING_PROGRAMS = (names.PROG_FORK, names.PROG_EXIT)
@@ -114,10 +117,18 @@ class _Unit:
     upload: int
 
 
+class _DirCount(NamedTuple):
+    """The counters of one direction of a budget that rates are computed from."""
+
+    passed_bytes: int
+    calls: int
+    dropped_packets: int
+
+
 @dataclass
 class _Sample:
     t: float
-    budgets: dict[int, abi.Limit] = field(default_factory=dict)  # pid -> counters
+    budgets: dict[int, tuple[_DirCount, _DirCount]] = field(default_factory=dict)  # pid ->
     traffic: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
@@ -524,16 +535,13 @@ class Engine:
         return v
 
     def _read_traffic(self) -> dict[int, tuple[int, int, int, int]]:
-        """Per-process counters summed over CPUs (the map is per-CPU)."""
-        fd = self._fds[names.MAP_PROC_TRAFFIC]
+        """Per-process counters summed over CPUs (the map is per-CPU), in batches."""
+        per_cpu = abi.Traffic * libbpf.num_possible_cpus()
         out = {}
-        vals = (abi.Traffic * libbpf.num_possible_cpus())()
-        lb = libbpf.lib()
-        for tgid in libbpf.map_keys(fd, ctypes.c_uint32):
-            if lb.bpf_map_lookup_elem(fd, ctypes.byref(ctypes.c_uint32(tgid)),
-                                      ctypes.byref(vals)) == 0:
-                out[tgid] = (sum(v.bytes[0] for v in vals), sum(v.bytes[1] for v in vals),
-                             sum(v.packets[0] for v in vals), sum(v.packets[1] for v in vals))
+        for tgid, vals in libbpf.map_lookup_all(self._fds[names.MAP_PROC_TRAFFIC],
+                                                ctypes.c_uint32, per_cpu, abi.MAX_TRAFFIC):
+            out[tgid] = (sum(v.bytes[0] for v in vals), sum(v.bytes[1] for v in vals),
+                         sum(v.packets[0] for v in vals), sum(v.packets[1] for v in vals))
         return out
 
     def _traffic_of(self, tgid: int) -> tuple[int, int, int, int]:
@@ -566,8 +574,15 @@ class Engine:
         self._need()
         now = time.monotonic()
         s = _Sample(now)
-        for pid, b in self._budgets.items():
-            s.budgets[pid] = self._read_budget(b)
+        by_bid = {b.bid: pid for pid, b in self._budgets.items()}
+        # one batch read of every budget (counters only: no lock needed for a snapshot)
+        for bid, v in libbpf.map_lookup_all(self._fds[names.MAP_LIMITS], ctypes.c_uint32,
+                                            abi.Limit, abi.MAX_LIMITS):
+            pid = by_bid.get(bid)
+            if pid is not None:
+                s.budgets[pid] = tuple(  # type: ignore[assignment]
+                    _DirCount(v.dir[d].passed_bytes, v.dir[d].calls, v.dir[d].dropped_packets)
+                    for d in range(abi.DIRS))
         s.traffic = self._read_traffic()
         self._samples.append(s)
         while len(self._samples) > 2 and now - self._samples[1].t >= RATE_WINDOW:
@@ -594,16 +609,21 @@ class Engine:
         (the kernel's independent count): traffic there means the program is not called."""
         w = self._window()
         table: dict[int, list[int]] | None = None  # built at most once per sample
-        for pid, b in self._budgets.items():
+        budget_left = SOCKET_CHECKS_PER_SAMPLE
+        # least recently checked first, so every idle limit gets its turn
+        for pid, b in sorted(self._budgets.items(), key=lambda kv: kv[1].socket_checked):
             calls = 0
             if w and pid in w[0].budgets and pid in w[1].budgets:
-                calls = sum(w[1].budgets[pid].dir[d].calls - w[0].budgets[pid].dir[d].calls
+                calls = sum(w[1].budgets[pid][d].calls - w[0].budgets[pid][d].calls
                             for d in range(abi.DIRS))
             if calls or not w:
                 b.socket_prev, b.socket_rate = None, (0.0, 0.0)
                 continue
             if now - b.socket_checked < SOCKET_CHECK_INTERVAL and b.socket_prev:
                 continue
+            if budget_left <= 0:
+                continue
+            budget_left -= 1
             b.socket_checked = now
             recv = acked = 0
             if table is None:
@@ -641,7 +661,7 @@ class Engine:
                 bk = cur.dir[d]
                 rate = calls = dropped = 0.0
                 if w and dt > 0 and pid in w[0].budgets and pid in w[1].budgets:
-                    a, z = w[0].budgets[pid].dir[d], w[1].budgets[pid].dir[d]
+                    a, z = w[0].budgets[pid][d], w[1].budgets[pid][d]
                     rate = (z.passed_bytes - a.passed_bytes) / dt
                     calls = z.calls - a.calls
                     dropped = z.dropped_packets - a.dropped_packets
@@ -677,6 +697,19 @@ class Engine:
             status=names.STATUS_UNLIMITED, download_calls=t[2], upload_calls=t[3],
         )
 
+    def active_limits(self) -> list[int]:
+        """Limited pids whose program saw packets in the last window, whose sockets moved
+        bytes the program did not see, or that are too new to tell.  Cheap: no /proc."""
+        w = self._window()
+        out = []
+        for pid, b in self._budgets.items():
+            if not w or pid not in w[0].budgets or pid not in w[1].budgets:
+                out.append(pid)
+            elif any(w[1].budgets[pid][d].calls != w[0].budgets[pid][d].calls
+                     for d in range(abi.DIRS)) or any(b.socket_rate):
+                out.append(pid)
+        return sorted(out)
+
     def list_processes(self) -> list[ProcessStats]:
         """Stats of every process that moved bytes in the last window, busiest first."""
         self._need()
@@ -689,7 +722,7 @@ class Engine:
         for pid in self._budgets:
             if pid in w[0].budgets and pid in w[1].budgets:
                 a, z = w[0].budgets[pid], w[1].budgets[pid]
-                if any(z.dir[d].passed_bytes != a.dir[d].passed_bytes for d in range(abi.DIRS)):
+                if any(z[d].passed_bytes != a[d].passed_bytes for d in range(abi.DIRS)):
                     moved.add(pid)
         out = []
         for pid in moved:

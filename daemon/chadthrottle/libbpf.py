@@ -56,7 +56,15 @@ PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
     "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_enable_stats": (c_int, [c_int]),
+    "bpf_map_lookup_batch": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p,
+                                     ctypes.POINTER(c_uint32), c_void_p]),
 }
+
+
+class BatchOpts(ctypes.Structure):
+    """struct bpf_map_batch_opts (libbpf/bpf.h)."""
+
+    _fields_ = [("sz", c_size_t), ("elem_flags", c_uint64), ("flags", c_uint64)]
 
 _LIBC_PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "vsnprintf": (c_int, [c_char_p, c_size_t, c_char_p, c_void_p]),
@@ -174,3 +182,40 @@ def map_keys(fd: int, key_type: type) -> list:
 
 def num_possible_cpus() -> int:
     return check(lib().libbpf_num_possible_cpus(), "num_possible_cpus")
+
+
+def map_lookup_all(fd: int, key_type: type, value_type: type, capacity: int) -> list:
+    """Every (key, value) of a hash map in a few BPF_MAP_LOOKUP_BATCH calls instead of two
+    syscalls per entry.  value_type is the whole per-entry value (an array of per-CPU
+    values for per-CPU maps).  Falls back to key-by-key where batches are unsupported."""
+    chunk = max(1, min(capacity, 4096))
+    keys = (key_type * chunk)()
+    values = (value_type * chunk)()
+    token_in = ctypes.create_string_buffer(16)
+    token_out = ctypes.create_string_buffer(16)
+    opts = BatchOpts(sz=ctypes.sizeof(BatchOpts))
+    out: list = []
+    first = True
+    lb = lib()
+    while True:
+        count = c_uint32(chunk)
+        ret = lb.bpf_map_lookup_batch(fd, None if first else token_in, token_out, keys, values,
+                                      ctypes.byref(count), ctypes.byref(opts))
+        n = count.value
+        for i in range(n):
+            k = keys[i]  # ctypes returns plain ints for simple key types
+            out.append((k if isinstance(k, int) else key_type.from_buffer_copy(k),
+                        value_type.from_buffer_copy(values[i])))
+        if ret == -_errno.ENOENT:
+            return out
+        if ret in (-_errno.EINVAL, -_errno.ENOTSUP, -_errno.EOPNOTSUPP) and first:
+            break  # old kernel: no batch ops for this map type
+        check(ret, "map lookup batch")
+        ctypes.memmove(token_in, token_out, 16)
+        first = False
+    out = []
+    v = value_type()
+    for k in map_keys(fd, key_type):
+        if lb.bpf_map_lookup_elem(fd, ctypes.byref(key_type(k)), ctypes.byref(v)) == 0:
+            out.append((k, value_type.from_buffer_copy(v)))
+    return out

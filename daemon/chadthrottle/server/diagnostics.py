@@ -120,17 +120,24 @@ class Diagnostics:
         now = self._clock()
         out: list[Line] = []
         seen = set()
-        for lim in self._engine.list_limits():
+        # idle limits (no packet, no socket traffic) are counted, not reported one by one:
+        # with thousands of limits the journal would get thousands of lines every 5 s
+        active = self._engine.active_limits()
+        idle = len(self._engine.list_limits()) - len(active)
+        if idle:
+            out.append(Line(f"{idle} limited process(es) idle (no traffic in the last window)",
+                            {F + "KIND": "idle", F + "IDLE_LIMITS": str(idle)}, logging.INFO))
+        for pid in active:
             try:
-                st = self._engine.stats(lim.pid)
+                st = self._engine.stats(pid)
             except Exception:  # exited between list and stats: reap() will announce it
-                log.debug("no stats for %d", lim.pid, exc_info=True)
+                log.debug("no stats for %d", pid, exc_info=True)
                 continue
             for direction in DIRECTIONS:
                 limit = int(getattr(st, f"{direction}_limit"))
                 if not limit:
                     continue
-                key = (lim.pid, direction)
+                key = (pid, direction)
                 seen.add(key)
                 cur = (
                     int(getattr(st, f"{direction}_bytes")),
