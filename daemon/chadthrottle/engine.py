@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -429,7 +430,8 @@ class Engine:
 
     def reap(self) -> list[int]:
         """Remove the limits of processes that have exited; returns their pids."""
-        gone = [b for b in self._budgets.values() if _pidfd_exited(b.pidfd)]
+        gone = [self._budgets[pid] for pid in _exited({b.pidfd: pid for pid, b in
+                                                       self._budgets.items()})]
         for b in gone:
             self._drop_budget(b)
             log.info("PID %d exited: limit removed", b.pid)
@@ -444,12 +446,11 @@ class Engine:
 
     def _member_table(self) -> dict[int, list[int]]:
         """budget id -> member tgids, from one walk of proc_budget (the kernel's view)."""
-        fd = self._fds[names.MAP_PROC_BUDGET]
         table: dict[int, list[int]] = {}
-        v = ctypes.c_uint32()
-        for member in libbpf.map_keys(fd, ctypes.c_uint32):
-            if libbpf.map_lookup(fd, ctypes.c_uint32(member), v):
-                table.setdefault(v.value, []).append(member)
+        for member, bid in libbpf.map_lookup_all(self._fds[names.MAP_PROC_BUDGET],
+                                                 ctypes.c_uint32, ctypes.c_uint32,
+                                                 abi.MAX_MEMBERS):
+            table.setdefault(bid, []).append(member)
         return table
 
     def _sweep_members(self) -> None:
@@ -735,8 +736,14 @@ class Engine:
 
 
 def _pidfd_exited(pidfd: int) -> bool:
-    import select
-
     p = select.poll()
     p.register(pidfd, select.POLLIN)
     return bool(p.poll(0))
+
+
+def _exited(pidfds: dict[int, int]) -> list[int]:
+    """The pids whose pidfd is readable (the process exited), in one poll(2)."""
+    p = select.poll()
+    for fd in pidfds:
+        p.register(fd, select.POLLIN)
+    return [pidfds[fd] for fd, _ in p.poll(0)]

@@ -110,7 +110,8 @@ def _install_print() -> None:
             buf = ctypes.create_string_buffer(4096)
             assert _libc is not None
             n = _libc.vsnprintf(buf, len(buf), fmt, va_list)
-            bpflog.log(levels.get(level, logging.DEBUG), "%s", buf.value.decode(errors="replace").rstrip())
+            text = buf.value.decode(errors="replace").rstrip()
+            bpflog.log(levels.get(level, logging.DEBUG), "%s", text)
             return n
         except Exception:  # never let an exception cross into C
             return 0
@@ -144,7 +145,8 @@ def check_ptr(ptr: int | None, what: str) -> int:
 # ---- thin typed helpers on map fds ------------------------------------------------------------
 
 def map_update(fd: int, key: ctypes._CData, value: ctypes._CData, flags: int = BPF_ANY) -> None:
-    check(lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags), "map update")
+    ret = lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags)
+    check(ret, "map update")
 
 
 def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData, flags: int = 0) -> bool:
@@ -172,7 +174,8 @@ def map_keys(fd: int, key_type: type) -> list:
     nxt = key_type()
     lb = lib()
     while True:
-        ret = lb.bpf_map_get_next_key(fd, None if cur is None else ctypes.byref(cur), ctypes.byref(nxt))
+        prev = None if cur is None else ctypes.byref(cur)
+        ret = lb.bpf_map_get_next_key(fd, prev, ctypes.byref(nxt))
         if ret == -_errno.ENOENT:
             return keys
         check(ret, "map get_next_key")
@@ -203,9 +206,9 @@ def map_lookup_all(fd: int, key_type: type, value_type: type, capacity: int) -> 
                                       ctypes.byref(count), ctypes.byref(opts))
         n = count.value
         for i in range(n):
-            k = keys[i]  # ctypes returns plain ints for simple key types
+            k, v = keys[i], values[i]  # ctypes gives plain ints for simple types
             out.append((k if isinstance(k, int) else key_type.from_buffer_copy(k),
-                        value_type.from_buffer_copy(values[i])))
+                        v if isinstance(v, int) else value_type.from_buffer_copy(v)))
         if ret == -_errno.ENOENT:
             return out
         if ret in (-_errno.EINVAL, -_errno.ENOTSUP, -_errno.EOPNOTSUPP) and first:
@@ -217,5 +220,5 @@ def map_lookup_all(fd: int, key_type: type, value_type: type, capacity: int) -> 
     v = value_type()
     for k in map_keys(fd, key_type):
         if lb.bpf_map_lookup_elem(fd, ctypes.byref(key_type(k)), ctypes.byref(v)) == 0:
-            out.append((k, value_type.from_buffer_copy(v)))
+            out.append((k, v.value if hasattr(v, "value") else value_type.from_buffer_copy(v)))
     return out

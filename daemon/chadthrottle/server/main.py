@@ -78,6 +78,7 @@ class Daemon:
         try:
             notify("STATUS=connecting to the system bus")
             self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+            _grow_send_buffer(self.bus)
             self.iface = Throttle1(self.engine, loop)
             self.bus.export(names.OBJECT_PATH, self.iface)
             self.gate = Gate(self.bus, self.iface, Authorizer(self.bus))
@@ -193,6 +194,30 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_FAILURE
     logging.shutdown()
     return code
+
+
+#: room for a burst of signals (10,000 limits ending at once is ~1.5 MB of LimitRemoved)
+BUS_SNDBUF = 8 << 20
+
+
+def _grow_send_buffer(bus) -> None:
+    """dbus-fast treats EAGAIN on its non-blocking socket as a lost connection when a new
+    message arrives while an earlier one is half written; a burst of signals that fills the
+    kernel's send buffer then disconnects the daemon.  A large send buffer keeps bursts
+    in the kernel.  SO_SNDBUFFORCE passes net.core.wmem_max (root with CAP_NET_ADMIN)."""
+    import socket
+
+    sock = getattr(bus, "_sock", None)
+    if sock is None:
+        return
+    for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, BUS_SNDBUF)
+            return
+        except OSError:
+            continue
 
 
 if __name__ == "__main__":
