@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
@@ -45,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: the journal when its socket exists, else stderr")
     p.add_argument("--bpf-object", default=None, help="path of throttle.bpf.o (default: bundled)")
     p.add_argument("--cgroup-root", default=None, help="cgroup2 mount (default: discovered)")
+    p.add_argument("--monitor-all", action="store_true",
+                   default=os.environ.get("CHADTHROTTLE_MONITOR_ALL") == "1",
+                   help="attach at the cgroup2 root at start, so ListProcesses (and "
+                        "chadthrottlectl top) shows every process with traffic before any "
+                        "limit is set; by default programs attach lazily, once per stable "
+                        "parent cgroup of a limited process (also $CHADTHROTTLE_MONITOR_ALL=1)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p.parse_args(argv)
 
@@ -68,7 +75,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
 
         notify("STATUS=loading the BPF programs")
-        self.engine = Engine(object_path=self.args.bpf_object, cgroup_root=self.args.cgroup_root)
+        self.engine = Engine(object_path=self.args.bpf_object, cgroup_root=self.args.cgroup_root,
+                             monitor_root=self.args.monitor_all)
         try:
             self.engine.open()
         except ChadthrottleError as e:
