@@ -72,6 +72,7 @@ run: deps build
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass
 test: deps build
+	$(Q)$(VENV)/bin/ruff check daemon tests
 	$(Q)rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no test" >&2; exit 1; fi; exit $$rc
 
