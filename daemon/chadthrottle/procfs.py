@@ -8,6 +8,7 @@ import ctypes.util
 import os
 import socket
 import struct
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,18 @@ INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
+    """End a child we started: SIGTERM, then SIGKILL after timeout; its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from chadthrottle.cli.procs import comm_of, find_by_name, matches
@@ -47,6 +48,11 @@ def test_real_proc_lookup() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
                              stdin=subprocess.DEVNULL)
     try:
+        # wait for the exec to finish: in the middle of it /proc/PID/cmdline reads empty
+        deadline = time.monotonic() + 10
+        while b"time.sleep" not in Path(f"/proc/{child.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "child never exec'd"
+            time.sleep(0.01)
         assert comm_of(child.pid)
         name = os.path.basename(sys.executable)
         assert child.pid in [p.pid for p in find_by_name(name)]

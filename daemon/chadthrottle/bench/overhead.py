@@ -9,7 +9,6 @@ kernel's own bpf_stats (run_time_ns / run_cnt of the ingress and egress programs
 from __future__ import annotations
 
 import argparse
-
 import os
 import statistics
 from pathlib import Path

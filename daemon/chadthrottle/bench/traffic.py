@@ -24,8 +24,14 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from ..procfs import terminate
+
 CHUNK = 64 * 1024
 _ZEROS = bytes(CHUNK)
+#: started with (fd, argv...): waits for one byte on fd, then execs argv in the same pid, so
+#: a limit can be set on the pid before the program sends its first packet
+_GATE = ("import os, sys; r = int(sys.argv[1]); os.read(r, 1); os.close(r); "
+         "os.execvp(sys.argv[2], sys.argv[2:])")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -115,13 +121,8 @@ class HttpServer:
         return f"http://{h}:{self.port}/upload"
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            terminate(self.proc)
 
 
 def _env() -> dict[str, str]:
@@ -150,9 +151,7 @@ class Transfer:
             r, w = os.pipe()
             self._gate_w = w
             # a tiny gate reads one byte, then execs the client (same pid)
-            gate = ("import os, sys; r = int(sys.argv[1]); os.read(r, 1); os.close(r); "
-                    "os.execvp(sys.argv[2], sys.argv[2:])")
-            cmd = [sys.executable, "-c", gate, str(r), *self.argv]
+            cmd = [sys.executable, "-c", _GATE, str(r), *self.argv]
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=stdin,
                                          pass_fds=(r,))
             os.close(r)
@@ -218,13 +217,7 @@ class Transfer:
         if self._gate_w is not None:
             os.close(self._gate_w)
             self._gate_w = None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         if self._reader.is_alive():
             self._reader.join(2)
         return self.proc.returncode
@@ -327,9 +320,7 @@ class Iperf3:
         self.reverse = reverse
         self.seconds = seconds
         r, w = os.pipe()
-        gate = ("import os, sys; r = int(sys.argv[1]); os.read(r, 1); os.close(r); "
-                "os.execvp(sys.argv[2], sys.argv[2:])")
-        self.client = subprocess.Popen([sys.executable, "-c", gate, str(r), *argv],
+        self.client = subprocess.Popen([sys.executable, "-c", _GATE, str(r), *argv],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        pass_fds=(r,), text=True)
         os.close(r)
@@ -383,13 +374,7 @@ class Iperf3:
             os.close(self._gate_w)
             self._gate_w = None
         for p in (self.client, self.server):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            terminate(p)
 
     def __enter__(self) -> Iperf3:
         return self

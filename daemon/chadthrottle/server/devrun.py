@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from ..procfs import terminate
+
 DEFAULT_SOCKET = "/run/dbus/system_bus_socket"
 DEV_DIR = Path("/run/chadthrottle-dev")
 POLICY_NAME = "org.chadthrottle.Throttle1.conf"
@@ -156,13 +158,8 @@ class PrivateBus:
         return self.address
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
         self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
