@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from chadthrottle import names  # noqa: E402
+from chadthrottle.procfs import terminate  # noqa: E402
 from chadthrottle.server.devrun import PrivateBus  # noqa: E402
 
 BPF_OBJECT = SRC / "chadthrottle" / "data" / names.BPF_OBJECT_FILE
@@ -81,14 +81,7 @@ def name_has_owner(address: str, name: str) -> bool:
 
 def stop_pid(proc: subprocess.Popen, timeout: float = 5.0) -> int:
     """SIGTERM, then SIGKILL, by this process's own pid."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+    return terminate(proc, timeout)
 
 
 @dataclass
