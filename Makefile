@@ -57,10 +57,10 @@ bpf/vmlinux.h:
 	$(Q)test -r $(BTF_VMLINUX) || { echo "kernel BTF missing: $(BTF_VMLINUX) (CONFIG_DEBUG_INFO_BTF=y is required)"; exit 1; }
 	$(Q)$(BPFTOOL) btf dump file $(BTF_VMLINUX) format c > $@
 
-$(BPF_OBJ): bpf/throttle.bpf.c bpf/throttle.h bpf/vmlinux.h
+$(BPF_OBJ): bpf/throttle.bpf.c bpf/throttle.h bpf/bucket.h bpf/vmlinux.h
 	@echo "  CLANG $@"
 	$(Q)mkdir -p $(OBJ_DIR)
-	$(Q)$(CLANG) -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
+	$(Q)$(CLANG) -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 	  -I bpf -c bpf/throttle.bpf.c -o $@
 	$(Q)llvm-strip -g $@ 2>/dev/null || true
 

@@ -7,6 +7,7 @@ and traffic flows unlimited (fail-open) instead of staying throttled by an orpha
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -47,6 +48,7 @@ class BpfObject:
         self.path = Path(path) if path else default_object_path()
         self._obj: int = 0
         self._links: list[Link] = []
+        self._iter_links: dict[str, Link] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self) -> BpfObject:
@@ -70,6 +72,7 @@ class BpfObject:
     def close(self) -> None:
         """Detach every link (reverse order of attachment), then free the object."""
         first_error: OSError | None = None
+        self._iter_links.clear()
         while self._links:
             link = self._links.pop()
             try:
@@ -138,3 +141,86 @@ class BpfObject:
         if link in self._links:
             self._links.remove(link)
         link.destroy()
+
+    # -- iterators ---------------------------------------------------------------------------
+    def run_iter(self, program: str, pid_fd: int | None = None) -> bytes:
+        """Run a BPF iterator program once and return what it wrote (bpf_seq_write).
+
+        pid_fd: visit only that process (exact identity, no pid numbers).  Without it every
+        task is visited; that link is kept and reused."""
+        lb = libbpf.lib()
+        if pid_fd is None:
+            link = self._iter_links.get(program)
+            if link is None:
+                ptr = libbpf.check_ptr(lb.bpf_program__attach_iter(self._program(program), None),
+                                       f"attach iterator {program}")
+                link = self._iter_links[program] = Link(ptr, program, "iterator")
+                self._links.append(link)
+            return _read_iter(link.ptr, program)
+        info = libbpf.IterTaskInfo(0, 0, pid_fd, 0)
+        opts = libbpf.IterAttachOpts(ctypes.sizeof(libbpf.IterAttachOpts),
+                                     ctypes.addressof(info), ctypes.sizeof(info))
+        ptr = libbpf.check_ptr(lb.bpf_program__attach_iter(self._program(program),
+                                                           ctypes.byref(opts)),
+                               f"attach iterator {program}")
+        try:
+            return _read_iter(ptr, program)
+        finally:
+            lb.bpf_link__destroy(ptr)
+
+    def ring_buffer(self, map_name: str, on_record) -> RingBuffer:
+        """A consumer of a BPF ring buffer map; on_record(bytes) is called per record."""
+        return RingBuffer(self.map_fd(map_name), on_record)
+
+
+def _read_iter(link_ptr: int, program: str) -> bytes:
+    lb = libbpf.lib()
+    fd = libbpf.check(lb.bpf_iter_create(libbpf.check(lb.bpf_link__fd(link_ptr),
+                                                      f"fd of {program}")),
+                      f"create iterator {program}")
+    chunks = []
+    try:
+        while True:
+            b = os.read(fd, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+class RingBuffer:
+    """libbpf's ring_buffer over one map.  ``fd`` (an epoll fd) turns readable when records
+    wait; ``consume()`` hands each to the callback and returns how many there were."""
+
+    def __init__(self, map_fd: int, on_record) -> None:
+        self._on_record = on_record
+        self._error: BaseException | None = None
+
+        def _cb(_ctx, data, size):
+            try:
+                self._on_record(ctypes.string_at(data, size))
+            except BaseException as exc:  # never let an exception cross into C
+                self._error = self._error or exc
+            return 0
+
+        self._cb = libbpf.RING_SAMPLE_FN(_cb)
+        self._ptr = libbpf.check_ptr(libbpf.lib().ring_buffer__new(map_fd, self._cb, None, None),
+                                     "ring buffer")
+
+    @property
+    def fd(self) -> int:
+        return libbpf.check(libbpf.lib().ring_buffer__epoll_fd(self._ptr), "ring buffer fd")
+
+    def consume(self) -> int:
+        n = libbpf.check(libbpf.lib().ring_buffer__consume(self._ptr), "ring buffer consume")
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return n
+
+    def close(self) -> None:
+        if self._ptr:
+            libbpf.lib().ring_buffer__free(self._ptr)
+            self._ptr = 0

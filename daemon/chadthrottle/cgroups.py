@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import NoSuchProcess, NoSuchUnit, Unsupported
 
 TRANSIENT_SUFFIX = ".scope"
+UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap")
 
 
 # ---- discovery ------------------------------------------------------------------------------
@@ -108,6 +109,14 @@ def plan_attach(attached: Iterable[str], parent: str) -> tuple[str | None, list[
     return parent, [a for a in attached if is_ancestor_or_self(parent, a)]
 
 
+def unit_of(rel: str) -> str:
+    """The innermost systemd unit a cgroup path belongs to ("" when none)."""
+    for part in reversed(norm(rel).split("/")):
+        if part.endswith(UNIT_SUFFIXES):
+            return part
+    return ""
+
+
 def level(rel: str) -> int:
     """Depth below the root: root 0, 'a' 1, 'a/b' 2 (bpf_skb_ancestor_cgroup_id's level)."""
     r = norm(rel)
@@ -176,3 +185,15 @@ class Cgroups:
 
 
 CT_SEARCH_DEPTH = 8
+
+
+def child_with_id(root: Path, parent_rel: str, cgid: int) -> str | None:
+    """The path of the cgroup directly below parent_rel whose id (inode) is cgid."""
+    base = root / norm(parent_rel) if norm(parent_rel) else root
+    try:
+        for e in os.scandir(base):
+            if e.is_dir(follow_symlinks=False) and e.inode() == cgid:
+                return norm(str(Path(e.path).relative_to(root)))
+    except OSError:
+        return None
+    return None

@@ -29,8 +29,12 @@ bpf_map_p = c_void_p
 bpf_program_p = c_void_p
 bpf_link_p = c_void_p
 
+bpf_ring_buffer_p = c_void_p
+
 # int (*libbpf_print_fn_t)(enum libbpf_print_level level, const char *, va_list ap)
 PRINT_FN = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
+# int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
+RING_SAMPLE_FN = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
 
 PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "libbpf_major_version": (c_uint32, []),
@@ -58,7 +62,28 @@ PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bpf_enable_stats": (c_int, [c_int]),
     "bpf_map_lookup_batch": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p,
                                      ctypes.POINTER(c_uint32), c_void_p]),
+    "bpf_map_lookup_and_delete_batch": (c_int, [c_int, c_void_p, c_void_p, c_void_p,
+                                                c_void_p, ctypes.POINTER(c_uint32), c_void_p]),
+    "bpf_program__attach_iter": (bpf_link_p, [bpf_program_p, c_void_p]),
+    "bpf_iter_create": (c_int, [c_int]),
+    "ring_buffer__new": (bpf_ring_buffer_p, [c_int, RING_SAMPLE_FN, c_void_p, c_void_p]),
+    "ring_buffer__consume": (c_int, [bpf_ring_buffer_p]),
+    "ring_buffer__epoll_fd": (c_int, [bpf_ring_buffer_p]),
+    "ring_buffer__free": (None, [bpf_ring_buffer_p]),
 }
+
+
+class IterTaskInfo(ctypes.Structure):
+    """union bpf_iter_link_info, its task member (uapi/linux/bpf.h): one process by pidfd."""
+
+    _fields_ = [("tid", c_uint32), ("pid", c_uint32), ("pid_fd", c_uint32),
+                ("_pad", c_uint32)]
+
+
+class IterAttachOpts(ctypes.Structure):
+    """struct bpf_iter_attach_opts (libbpf/libbpf.h)."""
+
+    _fields_ = [("sz", c_size_t), ("link_info", c_void_p), ("link_info_len", c_uint32)]
 
 
 class BatchOpts(ctypes.Structure):
@@ -69,6 +94,10 @@ class BatchOpts(ctypes.Structure):
 _LIBC_PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "vsnprintf": (c_int, [c_char_p, c_size_t, c_char_p, c_void_p]),
 }
+
+#: libbpf messages are formatted into one buffer of this size; longer ones keep their end
+PRINT_BUFFER = 8 << 20
+PRINT_KEEP = 16 << 10
 
 _lib: ctypes.CDLL | None = None
 _libc: ctypes.CDLL | None = None
@@ -105,12 +134,18 @@ def _install_print() -> None:
     levels = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
     bpflog = logging.getLogger("chadthrottle.libbpf")
 
+    # one buffer, reused: a verifier log is one message of up to megabytes, and the reason
+    # of a rejection is at its end (a va_list cannot be formatted twice to measure it first)
+    buf = ctypes.create_string_buffer(PRINT_BUFFER)
+
     def _cb(level: int, fmt: bytes, va_list: int) -> int:
         try:
-            buf = ctypes.create_string_buffer(4096)
             assert _libc is not None
             n = _libc.vsnprintf(buf, len(buf), fmt, va_list)
             text = buf.value.decode(errors="replace").rstrip()
+            if len(text) > PRINT_KEEP:
+                text = (text[:PRINT_KEEP // 8] + "\n[… verifier log shortened …]\n"
+                        + text[-PRINT_KEEP:])
             bpflog.log(levels.get(level, logging.DEBUG), "%s", text)
             return n
         except Exception:  # never let an exception cross into C
@@ -222,3 +257,31 @@ def map_lookup_all(fd: int, key_type: type, value_type: type, capacity: int) -> 
         if lb.bpf_map_lookup_elem(fd, ctypes.byref(key_type(k)), ctypes.byref(v)) == 0:
             out.append((k, v.value if hasattr(v, "value") else value_type.from_buffer_copy(v)))
     return out
+
+
+def map_take_all(fd: int, key_type: type, value_type: type, capacity: int) -> list:
+    """Every (key, value) of a hash map, removed from it as it is read
+    (BPF_MAP_LOOKUP_AND_DELETE_BATCH): what producers added since the last take."""
+    chunk = max(1, min(capacity, 4096))
+    keys = (key_type * chunk)()
+    values = (value_type * chunk)()
+    token_in = ctypes.create_string_buffer(16)
+    token_out = ctypes.create_string_buffer(16)
+    opts = BatchOpts(sz=ctypes.sizeof(BatchOpts))
+    out: list = []
+    first = True
+    lb = lib()
+    while True:
+        count = c_uint32(chunk)
+        ret = lb.bpf_map_lookup_and_delete_batch(fd, None if first else token_in, token_out,
+                                                 keys, values, ctypes.byref(count),
+                                                 ctypes.byref(opts))
+        for i in range(count.value):
+            k, v = keys[i], values[i]
+            out.append((k if isinstance(k, int) else key_type.from_buffer_copy(k),
+                        v if isinstance(v, int) else value_type.from_buffer_copy(v)))
+        if ret == -_errno.ENOENT:
+            return out
+        check(ret, "map lookup-and-delete batch")
+        ctypes.memmove(token_in, token_out, 16)
+        first = False

@@ -1,28 +1,22 @@
-"""Processes as the kernel shows them: validation, names, descendants, and their sockets
-(duplicated through pidfd_getfd so the daemon can tag them or read TCP_INFO)."""
+"""Processes as the kernel shows them: validation, names, descendants, and an exact handle
+(a pidfd with the start time) for everything the daemon does to a process.
+
+The daemon never duplicates another process's file descriptors: sockets are tagged and read
+from the kernel side (BPF iterators), so nothing a process does to its sockets can block the
+daemon, and the daemon never holds a peer's socket open."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import socket
-import struct
+import select
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NoSuchProcess
 
 PF_KTHREAD = 0x00200000
-SYS_PIDFD_GETFD = 438  # same number on every architecture (unified syscall table)
 PID_MAX_LIMIT = 1 << 22
-INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
 
 
 def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
@@ -112,84 +106,86 @@ def all_pids() -> list[int]:
 
 
 def uid(pid: int) -> int:
+    """Real uid (the first field of Uid: in /proc/PID/status)."""
     try:
-        return os.stat(f"/proc/{pid}").st_uid
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise NoSuchProcess(f"no process {pid}") from exc
+    raise NoSuchProcess(f"no process {pid}")
 
 
-def pidfd_getfd(pidfd: int, targetfd: int) -> int:
-    fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, targetfd, 0)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"pidfd_getfd({targetfd}): {os.strerror(err)}")
-    return int(fd)
-
-
-def _socket_fds(pid: int) -> list[int]:
-    out = []
+def exe(pid: int) -> str:
+    """The executable's path ("" if unreadable), without the " (deleted)" of a replaced file."""
     try:
-        entries = os.listdir(f"/proc/{pid}/fd")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return out
-    for e in entries:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{e}").startswith("socket:"):
-                out.append(int(e))
-        except OSError:
-            continue
-    return out
-
-
-@contextmanager
-def inet_sockets(pid: int) -> Iterator[list[tuple[int, socket.socket]]]:
-    """Duplicates of the process's IPv4/IPv6 sockets, closed on exit.  Processes that exit
-    meanwhile simply yield nothing."""
-    dups: list[tuple[int, socket.socket]] = []
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
-        yield dups
-        return
-    try:
-        for fd in _socket_fds(pid):
-            try:
-                dup = pidfd_getfd(pidfd, fd)
-            except OSError:
-                continue
-            try:
-                s = socket.socket(fileno=dup)
-            except OSError:
-                os.close(dup)
-                continue
-            if s.family in INET_FAMILIES:
-                dups.append((fd, s))
-            else:
-                s.close()
-        yield dups
-    finally:
-        for _, s in dups:
-            s.close()
-        os.close(pidfd)
-
-
-# struct tcp_info (uapi/linux/tcp.h): offsets of the fields we read
-_TCPI_TOTAL_RETRANS = 100
-_TCPI_BYTES_ACKED = 120
-_TCPI_BYTES_RECEIVED = 128
-_TCPI_LEN = 136
-
-
-def tcp_counters(s: socket.socket) -> tuple[int, int, int] | None:
-    """(bytes received, bytes acked (sent), total retransmits) of a TCP socket."""
-    if s.type != socket.SOCK_STREAM:
-        return None
-    try:
-        raw = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LEN)
+        path = os.readlink(f"/proc/{pid}/exe")
     except OSError:
-        return None
-    if len(raw) < _TCPI_LEN:
-        return None
-    (retrans,) = struct.unpack_from("I", raw, _TCPI_TOTAL_RETRANS)
-    acked, received = struct.unpack_from("QQ", raw, _TCPI_BYTES_ACKED)
-    return received, acked, retrans
+        return ""
+    return path.removesuffix(" (deleted)")
+
+
+def state(pid: int) -> str:
+    """The one-letter state of /proc/PID/stat ("Z" zombie, "X" dead, ...)."""
+    return _stat_fields(pid)[0]
+
+
+@dataclass(frozen=True)
+class Process:
+    """One process, exactly: a pidfd (which names this process and no later one with the
+    same pid) and its start time.  Open it first, check and authorize through it, then act
+    through it: the check and the use are about the same process."""
+
+    pid: int
+    pidfd: int
+    start_time: int
+
+    def exited(self) -> bool:
+        p = select.poll()
+        p.register(self.pidfd, select.POLLIN)
+        return bool(p.poll(0))
+
+    def alive(self) -> bool:
+        """Still running (not exited, not a zombie) and still the same process."""
+        if self.exited():
+            return False
+        try:
+            return start_time(self.pid) == self.start_time and state(self.pid) not in "ZX"
+        except NoSuchProcess:
+            return False
+
+    def uid(self) -> int:
+        """Real uid, read after checking that the pid still names this process."""
+        value = uid(self.pid)
+        if not self.alive():
+            raise NoSuchProcess(f"process {self.pid} exited")
+        return value
+
+    def close(self) -> None:
+        try:
+            os.close(self.pidfd)
+        except OSError:
+            pass
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_process(pid: int) -> Process:
+    """A Process for a live user-space process (NoSuchProcess otherwise)."""
+    check_process(pid)
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError) as exc:
+        raise NoSuchProcess(f"no process {pid}") from exc
+    try:
+        proc = Process(pid, fd, start_time(pid))
+        if not proc.alive():
+            raise NoSuchProcess(f"process {pid} has exited")
+        return proc
+    except BaseException:
+        os.close(fd)
+        raise

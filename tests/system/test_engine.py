@@ -48,7 +48,9 @@ def test_download_tcp_ipv4_is_limited(engine, http):
         st = engine.stats(t.pid)
         r = steady(t) / MiB
     assert in_band(r), f"download ratio {r:.3f}"
-    assert st.download_dropped > 0 and st.program_calls > 0 and st.download_limit == MiB
+    # shaped, not policed: the sender is paced, the backstop has nothing to drop
+    assert st.program_calls > 0 and st.download_limit == MiB
+    assert st.download_dropped <= 2, st
 
 
 def test_download_tcp_ipv6_is_limited(engine, http6):
@@ -157,11 +159,25 @@ def test_changing_a_limit_keeps_one_budget(engine, http):
 
 # ---- lifecycle ---------------------------------------------------------------------------------
 
-def _budget_entries(engine: Engine) -> int:
-    return len(libbpf.map_keys(engine.map_fd(names.MAP_PROC_BUDGET), ctypes.c_uint32))
+def _entries(engine: Engine, name: str) -> int:
+    return len(libbpf.map_keys(engine.map_fd(name), ctypes.c_uint64))
 
 
-def test_process_exit_removes_entries(engine):
+def _wait_notices(engine: Engine, timeout: float = 5.0) -> list:
+    import select
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([engine.events_fd], [], [], 0.2)[0]:
+            notices = engine.handle_events()
+            if notices:
+                return notices
+    return []
+
+
+def test_process_exit_removes_the_limit(engine):
+    """The kernel reports the budget's last member leaving; the limit and its map entries
+    go with it (no pidfd per limit, no polling)."""
     from chadthrottle import procfs
 
     proc = subprocess.Popen(["sh", "-c", "sleep 1 & sleep 0.7; wait"])
@@ -170,30 +186,39 @@ def test_process_exit_removes_entries(engine):
         while len(procfs.children(proc.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         engine.set_limit(proc.pid, MiB, MiB)
-        assert _budget_entries(engine) >= 2
+        assert len(engine.members(proc.pid)) == 3
         proc.wait(5)
-        time.sleep(0.2)
-        assert _budget_entries(engine) == 0  # the kernel forgot the exited members
-        assert engine.reap() == [proc.pid]
+        notices = _wait_notices(engine)
+        assert [(n.kind, n.pid) for n in notices] == [("exited", proc.pid)]
         assert engine.list_limits() == []
-        assert len(libbpf.map_keys(engine.map_fd(names.MAP_LIMITS), ctypes.c_uint32)) == 0
+        assert _entries(engine, names.MAP_LIMITS) == 0
+        assert _entries(engine, names.MAP_LIMIT_CFG) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def test_exit_is_signalled_on_the_pidfd(engine):
-    import select
-
-    proc = subprocess.Popen(["sleep", "0.3"])
+def test_limit_stays_while_a_descendant_lives(engine):
+    """Issue 7.3/9.7: a limit lives while any member of its budget lives.  The root exits,
+    its child keeps the budget, and the limit is listed under the child."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 30 & echo $!; read x"], stdout=subprocess.PIPE,
+                            stdin=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(proc.stdout.readline())
     try:
         engine.set_limit(proc.pid, MiB, 0)
-        fd = engine.limit_pidfd(proc.pid)
-        assert select.select([fd], [], [], 5)[0] == [fd]
-        assert engine.reap() == [proc.pid]
+        assert sorted(engine.members(proc.pid)) == sorted([proc.pid, child])
+        proc.stdin.close()  # the root exits; its child lives on
+        proc.wait(5)
+        notices = _wait_notices(engine)
+        assert [(n.kind, n.pid, n.other) for n in notices] == [("moved", proc.pid, child)]
+        assert [lim.pid for lim in engine.list_limits()] == [child]
+        assert engine.members(child) == [child]
     finally:
-        proc.wait()
+        os.kill(child, 9)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_both_zero_removes_the_limit(engine):

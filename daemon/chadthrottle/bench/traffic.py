@@ -231,7 +231,7 @@ class Transfer:
 
 def curl_download(url: str, seconds: float) -> list[str]:
     """curl writing the body to stdout, bounded by --max-time."""
-    return ["curl", "-sS", "--max-time", str(int(seconds) + 1), "-o", "-", url]
+    return ["curl", "-sS", "-N", "--max-time", str(int(seconds) + 1), "-o", "-", url]
 
 
 def retransmits() -> int:

@@ -95,6 +95,7 @@ class Daemon:
             if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
                 log.error("cannot own %s on the system bus: %s", names.BUS_NAME, reply.name)
                 return EXIT_FAILURE
+            loop.add_reader(self.engine.events_fd, self._on_events)
             log.info("chadthrottled %s serving %s; attached to %s", __version__,
                      names.BUS_NAME, ", ".join(self.engine.attached_cgroups) or "nothing yet")
             notify(f"READY=1\nSTATUS=serving {names.BUS_NAME}, 0 limits")
@@ -135,8 +136,21 @@ class Daemon:
                 log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
 
     def _sample(self) -> None:
-        self.engine.sample()
-        self.iface.reap()
+        # per-process counters (the data behind top) are kept while every process is watched
+        self.engine.sample(traffic=self.args.monitor_all)
+
+    def _on_events(self) -> None:
+        """The kernel reported something (a limit's last process exited, a rule matched)."""
+        try:
+            notices = self.engine.handle_events()
+        except Exception:
+            log.exception("handling kernel events failed")
+            return
+        for n in notices:
+            if n.kind == "full":
+                log.warning("the kernel's %s map is full: a process could not be limited "
+                            "(it runs unlimited)", n.detail)
+        self.iface.announce(notices)
 
     def _diagnose(self) -> None:
         if self._diag is None:
@@ -160,8 +174,11 @@ class Daemon:
             if self.gate is not None:
                 self.bus.remove_message_handler(self.gate)
             self.bus.disconnect()
-        if self.iface is not None:
-            self.iface.unwatch_all()
+        if self.engine is not None and self.engine.kernel is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.engine.events_fd)
+            except Exception:
+                log.debug("remove_reader failed", exc_info=True)
         if self.engine is not None:
             try:
                 self.engine.close()

@@ -87,38 +87,24 @@ class Throttle1(ServiceInterface):
         super().__init__(names.INTERFACE)
         self._engine = engine
         self._loop = loop
-        self._pidfds: dict[int, int] = {}  # limited pid -> engine's pidfd watched by the loop
         self._attached: list[str] = []
 
     # ----------------------------------------------------------------- translations
     def serve_SetLimit(self, pid: int, download: int, upload: int) -> list:
-        # the engine owns the pidfd and may close it here: stop watching it first
-        was_watched = self._unwatch(pid)
-        try:
-            lim = self._engine.set_limit(pid, download, upload)
-        except Exception:
-            if was_watched:
-                self._watch(pid)
-            raise
-        if lim is None or (lim.download == 0 and lim.upload == 0):
-            # "both 0 removes it"
-            if was_watched:
+        had = self._engine.limit_of(pid) is not None
+        lim = self._engine.set_limit(pid, download, upload)
+        if lim is None:  # "both 0 removes it"
+            if had:
                 self.LimitRemoved(pid, names.REASON_CLEARED)
         else:
-            self._watch(pid)
             self.LimitChanged(lim.pid, lim.download, lim.upload)
-        self._attached_maybe_changed()
+        self._maybe_changed()
         return []
 
     def serve_ClearLimit(self, pid: int) -> list:
-        was_watched = self._unwatch(pid)
-        try:
-            self._engine.clear_limit(pid)
-        except Exception:
-            if was_watched:
-                self._watch(pid)
-            raise
+        self._engine.clear_limit(pid)
         self.LimitRemoved(pid, names.REASON_CLEARED)
+        self._maybe_changed()
         return []
 
     def serve_GetStats(self, pid: int) -> list:
@@ -129,7 +115,7 @@ class Throttle1(ServiceInterface):
 
     def serve_SetUnitLimit(self, unit: str, download: int, upload: int) -> list:
         self._engine.set_unit_limit(unit, download, upload)
-        self._attached_maybe_changed()
+        self._maybe_changed()
         return []
 
     def serve_ClearUnitLimit(self, unit: str) -> list:
@@ -139,53 +125,24 @@ class Throttle1(ServiceInterface):
     def serve_ListProcesses(self) -> list:
         return [[stats_to_variant_dict(st) for st in self._engine.list_processes()]]
 
-    # ----------------------------------------------------------------- process exit
-    def _watch(self, pid: int) -> None:
-        if pid in self._pidfds or self._loop is None:
-            return
-        try:
-            # the engine's pidfd (no duplicate: 10,000 limits must fit RLIMIT_NOFILE); it is
-            # unwatched before every engine call that may close it, and reap() only closes
-            # fds of processes that exited, with no fd opened before we unwatch them
-            fd = self._engine.limit_pidfd(pid)
-        except Exception:  # the periodic reap() still catches the exit
-            log.debug("no pidfd for %d", pid, exc_info=True)
-            return
-        self._pidfds[pid] = fd
-        self._loop.add_reader(fd, self._on_exit, pid)
-
-    def _unwatch(self, pid: int) -> bool:
-        fd = self._pidfds.pop(pid, None)
-        if fd is None:
-            return False
-        if self._loop is not None:
-            self._loop.remove_reader(fd)
-        return True
-
-    def reap(self) -> list[int]:
-        """Drop limits of exited processes and announce them (LimitRemoved "exited")."""
-        gone = self._engine.reap()
-        for pid in gone:
-            self._unwatch(pid)
+    # ----------------------------------------------------------------- engine notices
+    def announce(self, notices) -> None:
+        """Signals for what the engine saw happen (a limit's processes exited; a limit
+        moved to a surviving descendant)."""
+        for n in notices:
             try:
-                self.LimitRemoved(pid, names.REASON_EXITED)
+                if n.kind == "exited":
+                    self.LimitRemoved(n.pid, names.REASON_EXITED)
+                elif n.kind == "moved":
+                    self.LimitRemoved(n.pid, names.REASON_EXITED)
+                    lim = self._engine.limit_of(n.other)
+                    if lim is not None:
+                        self.LimitChanged(lim.pid, lim.download, lim.upload)
             except Exception:  # the bus is going away; the limit is gone all the same
-                log.warning("could not announce the exit of %d", pid, exc_info=True)
-        return gone
+                log.warning("could not announce %s of %d", n.kind, n.pid, exc_info=True)
+        self._maybe_changed()
 
-    def _on_exit(self, pid: int) -> None:
-        """A watched pidfd turned readable: the process exited."""
-        try:
-            self.reap()
-        finally:
-            # a pidfd stays readable after the exit: never leave its reader spinning
-            self._unwatch(pid)
-
-    def unwatch_all(self) -> None:
-        for pid in list(self._pidfds):
-            self._unwatch(pid)
-
-    def _attached_maybe_changed(self) -> None:
+    def _maybe_changed(self) -> None:
         now = list(self._engine.attached_cgroups)
         if now != self._attached:
             self._attached = now

@@ -1,0 +1,124 @@
+"""The loaded BPF object as the engine's parts use it: map fds by name, the runtime
+configuration (the daemon is its only writer), the iterators that act inside the kernel,
+and the event ring buffer.
+
+Ownership rule: everything here is driven from the daemon's one event-loop thread; nothing
+is thread-safe and nothing needs to be.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+from . import abi, libbpf, names
+from .bpfobject import BpfObject, RingBuffer
+
+log = logging.getLogger(__name__)
+
+MAPS = (
+    names.MAP_SK_TAG, names.MAP_TASK_BUDGET, names.MAP_LIMITS, names.MAP_LIMIT_CFG,
+    names.MAP_UNIT_LIMITS, names.MAP_UNIT_CFG, names.MAP_PROC_TRAFFIC, names.MAP_PEER_PACE,
+    names.MAP_DL_CLASS, names.MAP_RULES, names.MAP_EXE_RULES, names.MAP_EXE_DIRS,
+    names.MAP_WATCH_CGROUPS, names.MAP_ACTIVE, names.MAP_CHECKS, names.MAP_CONFIG,
+    names.MAP_GLOBAL_STATS, names.MAP_KERNEL_BIDS, names.MAP_EVENTS,
+)
+
+
+class Kernel:
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.obj = BpfObject(path)
+        self.fds: dict[str, int] = {}
+        self.config = abi.Config()
+        self._ring: RingBuffer | None = None
+        self._pending: list[abi.Event] = []
+
+    @property
+    def path(self) -> Path:
+        return self.obj.path
+
+    def load(self) -> None:
+        self.obj.load()
+        for m in MAPS:
+            self.fds[m] = self.obj.map_fd(m)
+        self.config.daemon_tgid = os.getpid()
+        self.write_config()
+        self._ring = self.obj.ring_buffer(names.MAP_EVENTS, self._on_event)
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self.obj.close()
+        self.fds.clear()
+
+    def fd(self, name: str) -> int:
+        return self.fds[name]
+
+    # -- configuration -----------------------------------------------------------------------
+    def write_config(self) -> None:
+        libbpf.map_update(self.fds[names.MAP_CONFIG], ctypes.c_uint32(0), self.config)
+
+    def bump_cfg_gen(self) -> None:
+        """limit_cfg or unit_cfg changed: every limit copies its settings in on its next
+        packet."""
+        self.config.cfg_gen += 1
+        self.write_config()
+
+    def set_flag(self, flag: int, on: bool) -> None:
+        want = (self.config.flags | flag) if on else (self.config.flags & ~flag)
+        if want != self.config.flags:
+            self.config.flags = want
+            self.write_config()
+
+    # -- iterators ---------------------------------------------------------------------------
+    def iterate(self, program: str, op: int, *, budget: int = 0, tgid: int = 0, arg: int = 0,
+                pid_fd: int | None = None) -> bytes:
+        """Run an iterator program with its arguments in the configuration."""
+        c = self.config
+        c.iter_op, c.iter_budget, c.iter_tgid, c.iter_arg = op, budget, tgid, arg
+        self.write_config()
+        return self.obj.run_iter(program, pid_fd)
+
+    # -- events ------------------------------------------------------------------------------
+    @property
+    def events_fd(self) -> int:
+        assert self._ring is not None
+        return self._ring.fd
+
+    def _on_event(self, data: bytes) -> None:
+        if len(data) >= ctypes.sizeof(abi.Event):
+            self._pending.append(abi.Event.from_buffer_copy(data))
+
+    def take_events(self) -> list[abi.Event]:
+        """Every event the kernel reported since the last call."""
+        if self._ring is not None:
+            self._ring.consume()
+        out, self._pending = self._pending, []
+        return out
+
+    # -- counters ----------------------------------------------------------------------------
+    def global_counters(self) -> abi.Global:
+        """Whole-program counters summed over CPUs."""
+        arr = (abi.Global * libbpf.num_possible_cpus())()
+        libbpf.check(libbpf.lib().bpf_map_lookup_elem(
+            self.fds[names.MAP_GLOBAL_STATS], ctypes.byref(ctypes.c_uint32(0)),
+            ctypes.byref(arr)), "global stats")
+        total = abi.Global()
+        for g in arr:
+            for name, ctype in abi.Global._fields_:
+                if hasattr(ctype, "_length_"):
+                    for d in range(ctype._length_):
+                        getattr(total, name)[d] += getattr(g, name)[d]
+                else:
+                    setattr(total, name, getattr(total, name) + getattr(g, name))
+        return total
+
+    def task_of(self, pidfd: int) -> abi.Task | None:
+        """The task-local storage of a process (by pidfd), or None."""
+        v = abi.Task()
+        if libbpf.map_lookup(self.fds[names.MAP_TASK_BUDGET], ctypes.c_int(pidfd), v):
+            return v
+        return None
