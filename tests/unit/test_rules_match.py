@@ -3,16 +3,19 @@ kernel can decide of a rule (issue 9)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from chadthrottle.cgroups import cgroup2_mount
 from chadthrottle.procfs import terminate
 from chadthrottle.rules import procinfo
 from chadthrottle.rules.match import (
@@ -195,16 +198,39 @@ def test_cmdline_and_comm_rules_on_real_processes(tmp_path: Path) -> None:
         assert best_rule(f, [rule("name", comm="ct-test-sleeper")]).id == "name"
 
 
-def test_unit_rule_matches_the_process_cgroup() -> None:
-    with running([SLEEP, "60"]) as p:
+@contextmanager
+def own_cgroup(name: str) -> Iterator[tuple[Path, str]]:
+    """A real cgroup below the cgroup2 mount (root only); removed afterwards."""
+    try:
+        mount = cgroup2_mount()
+    except Exception as e:  # noqa: BLE001 - no cgroup2 here
+        pytest.skip(f"no cgroup2 mount: {e}")
+    if os.geteuid() != 0:
+        pytest.skip("creating a cgroup needs root")
+    path = mount / name
+    path.mkdir()
+    try:
+        yield path, "/" + name
+    finally:
+        for pid in (path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # back to the root, then the dir can go
+                (mount / "cgroup.procs").write_text(pid)
+        path.rmdir()
+
+
+def test_unit_rule_matches_a_process_in_a_real_cgroup() -> None:
+    unit = f"ct-rules-{uuid.uuid4().hex[:8]}.service"
+    with own_cgroup(unit) as (path, rel), running([SLEEP, "60"]) as p:
+        (path / "cgroup.procs").write_text(str(p.pid))
         f = procinfo.read_facts(p.pid)
-        assert f is not None
-        cgroup = Path(f"/proc/{p.pid}/cgroup").read_text()
-        zero = [line[3:] for line in cgroup.splitlines() if line.startswith("0::")]
-        assert f.cgroup == (zero[0] if zero else "")
-        if f.cgroup not in ("", "/"):
-            assert best_rule(f, [rule("u", unit=f.cgroup)]).id == "u"
-            assert best_rule(f, [rule("u", unit=f.cgroup.rstrip("/") + "-other")]) is None
+        assert f is not None and f.cgroup == rel
+        assert best_rule(f, [rule("by-name", unit=unit)]).id == "by-name"
+        assert best_rule(f, [rule("by-path", unit=rel)]).id == "by-path"
+        assert best_rule(f, [rule("other", unit=unit + "2")]) is None
+        keys = kernel_keys(rule("by-name", unit=unit), cgroup_root=str(cgroup2_mount()))
+        assert keys.cgroup_ids == {os.stat(path).st_ino}
+        with running([SLEEP, "60"]) as outside:
+            assert best_rule(procinfo.read_facts(outside.pid), [rule("u", unit=unit)]) is None
 
 
 def test_kernel_threads_threads_and_gone_processes_have_no_facts() -> None:
