@@ -242,9 +242,12 @@ def test_rules_of_uses_list_processes_then_get_stats() -> None:
     assert c.asked == [3, 4]
     older = RecordingClient([{"pid": 1}], {2: {"pid": 2}})
     assert asyncio.run(rulecli.rules_of(older, [1, 2])) is None and older.asked == []
-    idle = RecordingClient([], {2: {"pid": 2}})  # no traffic: one GetStats batch decides
-    assert asyncio.run(rulecli.rules_of(idle, [2])) is None
+    idle = RecordingClient([], {p: {"pid": p} for p in range(2, 60)})  # no traffic
+    assert asyncio.run(rulecli.rules_of(idle, list(range(2, 60)))) is None
+    assert idle.asked == [2]  # one GetStats tells an older daemon
     assert asyncio.run(rulecli.rules_of(idle, [])) == {}
+    gone_first = RecordingClient([], {3: {"pid": 3, "rule": "r"}, 4: {"pid": 4, "rule": ""}})
+    assert asyncio.run(rulecli.rules_of(gone_first, [2, 3, 4])) == {3: "r", 4: ""}
 
 
 # --- completion -------------------------------------------------------------------------------

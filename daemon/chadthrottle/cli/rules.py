@@ -240,23 +240,30 @@ async def rules_of(client: Client, pids: Iterable[int]) -> dict[int, str] | None
         return None
     missing = [p for p in wanted if p not in found][:MAX_STATS_CALLS]
 
-    async def one(pid: int) -> tuple[int, str | None]:
+    async def one(pid: int) -> tuple[int, bool, str | None]:
+        """(pid, the daemon answered, its rule key or None)"""
         try:
             stats = await client.get_stats(pid)
         except DaemonError:  # exited meanwhile
-            return pid, None
+            return pid, False, None
         value = stats.get(STATS_RULE_KEY)
-        return pid, None if value is None else str(value)
+        return pid, True, None if value is None else str(value)
 
     supported = bool(found)
-    for i in range(0, len(missing), STATS_BATCH):
-        for pid, rule in await asyncio.gather(*(one(p) for p in missing[i:i + STATS_BATCH])):
+    # until an answer carries the key, ask one process at a time: an older daemon (no rules)
+    # costs a single GetStats
+    i = 0
+    while i < len(missing):
+        size = STATS_BATCH if supported else 1
+        for pid, answered, rule in await asyncio.gather(*(one(p)
+                                                          for p in missing[i:i + size])):
             if rule is not None:
                 found[pid] = rule
                 supported = True
-        if not supported:  # the first batch said it: this daemon has no rules
-            return None
-    return {p: found[p] for p in wanted if p in found}
+            elif answered and not supported:
+                return None
+        i += size
+    return {p: found[p] for p in wanted if p in found} if supported else None
 
 
 # --- the commands -----------------------------------------------------------------------------
