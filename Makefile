@@ -88,7 +88,7 @@ lint: deps
 # from $(PREFIX): those files go to DBUS_DATADIR / POLKIT_ACTIONDIR.  The package is installed
 # with the distribution's python (its pip needs --break-system-packages on Debian, PEP 668;
 # the flag is passed when pip knows it).  Runtime deps: python3-dbus-fast python3-systemd
-# python3-rich (or pip).
+# python3-rich python3-tomli-w, and pydantic 2 (or pip; Debian 12's python3-pydantic is 1.x).
 INSTALL_PYTHON   ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,$(PYTHON))
 DBUS_DATADIR     ?= /usr/share/dbus-1
 POLKIT_ACTIONDIR ?= /usr/share/polkit-1/actions

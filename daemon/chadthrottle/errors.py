@@ -29,3 +29,19 @@ class NotAuthorized(ChadthrottleError):
 
 class Unsupported(ChadthrottleError):
     """The kernel or the cgroup setup cannot serve; the message says what is missing."""
+
+
+class InvalidRule(ChadthrottleError):
+    """A rule that cannot be accepted: unknown key, wrong type, bad glob or regex, no match
+    key, a bad rate.  The message names the key (and the file, for a rule file); ``key`` and
+    ``source`` carry them for structured logs."""
+
+    def __init__(self, message: str, *, key: str | None = None,
+                 source: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.source = source
+
+
+class NoSuchRule(ChadthrottleError):
+    """Removing (or naming) a rule id that does not exist."""

@@ -17,6 +17,8 @@ ERR_INVALID_LIMIT = ERROR_PREFIX + "InvalidLimit"
 ERR_NOT_AUTHORIZED = ERROR_PREFIX + "NotAuthorized"
 ERR_UNSUPPORTED = ERROR_PREFIX + "Unsupported"
 ERR_FAILED = ERROR_PREFIX + "Failed"
+ERR_INVALID_RULE = ERROR_PREFIX + "InvalidRule"
+ERR_NO_SUCH_RULE = ERROR_PREFIX + "NoSuchRule"
 
 # LimitRemoved reasons
 REASON_CLEARED = "cleared"
@@ -26,6 +28,27 @@ REASON_EXITED = "exited"
 POLKIT_ACTION_LIMIT_OWN = "org.chadthrottle.throttle.limit-own"
 POLKIT_ACTION_LIMIT_ANY = "org.chadthrottle.throttle.limit-any"
 POLKIT_ACTION_READ = "org.chadthrottle.throttle.read"
+POLKIT_ACTION_MANAGE_RULES = "org.chadthrottle.throttle.manage-rules"
+
+# --- rules (DESIGN.md §2b): the keys of a rule and their D-Bus types in a{sv} ---
+RULE_KEY_SIGNATURES: dict[str, str] = {
+    "name": "s",
+    "exe": "s",
+    "comm": "s",
+    "cmdline": "s",
+    "uid": "u",
+    "unit": "s",
+    "scope": "s",
+    "download": "t",
+    "upload": "t",
+    "permanent": "b",
+    "enabled": "b",
+}
+#: keys ListRules adds to each rule
+RULE_LIST_SIGNATURES: dict[str, str] = {"id": "s", "matched": "u"}
+RULE_MATCH_KEYS: tuple[str, ...] = ("exe", "comm", "cmdline", "uid", "unit")
+SCOPE_PROCESS = "process"
+SCOPE_APPLICATION = "application"
 
 # --- status values of GetStats "status" ---
 STATUS_THROTTLED = "throttled"

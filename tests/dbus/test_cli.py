@@ -28,7 +28,7 @@ import pytest
 
 import chadthrottle
 from chadthrottle import names
-from chadthrottle.cli.render import INFO_KEYS, LIST_KEYS, STATS_KEYS
+from chadthrottle.cli.render import INFO_KEYS, LIST_KEYS, RULE_KEY, STATS_KEYS
 
 pytestmark = [
     pytest.mark.root,
@@ -177,9 +177,13 @@ def test_limit_list_stats_clear_cycle(ctl, tmp_path) -> None:
         assert r.stdout.strip() == \
             f"Limited PID {p.pid} (sleep): download 50 KB/s, upload 1 MB/s"
 
+        rows = list_json(ctl)
         assert {"pid": p.pid, "comm": "sleep", "download_limit": 50_000,
-                "upload_limit": 1_000_000} in list_json(ctl)
-        assert all(tuple(row) == LIST_KEYS for row in list_json(ctl))
+                "upload_limit": 1_000_000}.items() <= \
+            next(x for x in rows if x["pid"] == p.pid).items()
+        # a daemon that reports rules adds "rule" (issue 9)
+        assert all(tuple(row)[:len(LIST_KEYS)] == LIST_KEYS
+                   and set(row) <= {*LIST_KEYS, RULE_KEY} for row in rows)
 
         # a direction not given keeps its limit
         r = ctl("limit", str(p.pid), "-u", "512KiB/s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from dbus_fast import BusType, DBusError, Message, MessageFlag, MessageType, Variant
@@ -27,10 +28,15 @@ DBUS_SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
 DBUS_NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
 DBUS_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 DBUS_NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+DBUS_UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
 DBUS_SPAWN_PREFIX = "org.freedesktop.DBus.Error.Spawn."
 
 START_HINT = ("start it with 'sudo systemctl start chadthrottled' "
               "(or 'sudo make run' from a checkout)")
+
+#: the keys AddRule takes: the rule keys, and ``id`` to choose (or replace) a rule
+ADD_RULE_SIGNATURES: dict[str, str] = {"id": names.RULE_LIST_SIGNATURES["id"],
+                                       **names.RULE_KEY_SIGNATURES}
 
 READ_TIMEOUT = 25.0
 # a mutating call may wait for an interactive polkit prompt
@@ -47,10 +53,22 @@ class DaemonError(Exception):
         self.detail = detail
 
 
-def explain(name: str, text: str, *, pid: int | None = None, unit: str | None = None) -> str:
-    """Turn a D-Bus error into one plain sentence (pure; unit-tested)."""
+def explain(name: str, text: str, *, pid: int | None = None, unit: str | None = None,
+            rule: str | None = None, action: str | None = None) -> str:
+    """Turn a D-Bus error into one plain sentence (pure; unit-tested).  ``action`` is the
+    polkit action the call needed, when it is not one of the limit actions."""
     text = (text or "").strip()
     what = f"process {pid}" if pid is not None else (f"unit {unit!r}" if unit else "target")
+    if (name == names.ERR_NOT_AUTHORIZED or name == DBUS_ACCESS_DENIED) and action:
+        return (f"not authorized{': ' + text if text else ''}. This needs the polkit action "
+                f"{action} (or run as root)")
+    if name == names.ERR_INVALID_RULE:
+        return f"invalid rule: {text}" if text else "invalid rule"
+    if name == names.ERR_NO_SUCH_RULE:
+        return f"no such rule: {text}" if text else f"no such rule: {rule!r}"
+    if name == DBUS_UNKNOWN_METHOD:
+        return (f"the running chadthrottled does not know this call (is it older than this "
+                f"client?): {text}")
     if name in (DBUS_SERVICE_UNKNOWN, DBUS_NAME_HAS_NO_OWNER) or name.startswith(DBUS_SPAWN_PREFIX):
         return f"the chadthrottled daemon is not running on the system bus; {START_HINT}"
     if name == ERR_NO_BUS:
@@ -80,6 +98,24 @@ def explain(name: str, text: str, *, pid: int | None = None, unit: str | None = 
     if name == names.ERR_FAILED:
         return f"the daemon failed unexpectedly ({text}); see 'journalctl -u chadthrottled'"
     return text or name
+
+
+def rule_variants(rule: Mapping[str, Any]) -> dict[str, Variant]:
+    """The a{sv} of AddRule: each key in its contract type (``uid`` u, rates t, booleans b,
+    strings s; ``id`` s).  An unknown key is a ValueError (the CLI never sends one)."""
+    out: dict[str, Variant] = {}
+    for key, value in rule.items():
+        signature = ADD_RULE_SIGNATURES.get(key)
+        if signature is None:
+            raise ValueError(f"not a rule key: {key!r}")
+        if signature == "b" and not isinstance(value, bool):
+            raise ValueError(f"rule key {key!r} must be a boolean")
+        if signature in ("u", "t") and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"rule key {key!r} must be an integer")
+        if signature == "s" and not isinstance(value, str):
+            raise ValueError(f"rule key {key!r} must be a string")
+        out[key] = Variant(signature, value)
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -128,6 +164,7 @@ class Client:
 
     async def _call(self, member: str, signature: str = "", body: list | None = None, *,
                     write: bool = False, pid: int | None = None, unit: str | None = None,
+                    rule: str | None = None, action: str | None = None,
                     interface: str = names.INTERFACE) -> list:
         assert self._bus is not None, "connect() first"
         msg = Message(
@@ -146,16 +183,18 @@ class Client:
             why = explain(ERR_TIMEOUT, f"{member}, {timeout:.0f} s")
             raise DaemonError(ERR_TIMEOUT, why) from e
         except DBusError as e:  # pragma: no cover - dbus-fast returns errors as messages
-            raise DaemonError(e.type, explain(e.type, e.text, pid=pid, unit=unit), e.text) from e
+            raise DaemonError(e.type, explain(e.type, e.text, pid=pid, unit=unit, rule=rule,
+                                              action=action), e.text) from e
         except (OSError, EOFError) as e:
             raise DaemonError(ERR_NO_BUS, explain(ERR_NO_BUS, str(e))) from e
         if reply.message_type == MessageType.ERROR:
             name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            raise DaemonError(name, explain(name, text, pid=pid, unit=unit), text)
+            raise DaemonError(name, explain(name, text, pid=pid, unit=unit, rule=rule,
+                                            action=action), text)
         return reply.body
 
-    # --- the contract -------------------------------------------------------------------
+    # --- the contract -------------------------------------------------------------------------
     async def set_limit(self, pid: int, download: int, upload: int) -> None:
         await self._call("SetLimit", "utt", [pid, download, upload], write=True, pid=pid)
 
@@ -184,3 +223,23 @@ class Client:
         (value,) = await self._call("Get", "ss", [names.INTERFACE, prop],
                                     interface="org.freedesktop.DBus.Properties")
         return _plain(value)
+
+    # --- rules (DESIGN.md §2b) ----------------------------------------------------------------
+    async def add_rule(self, rule: Mapping[str, Any]) -> str:
+        """AddRule(a{sv}) -> the rule's id."""
+        (rule_id,) = await self._call("AddRule", "a{sv}", [rule_variants(rule)], write=True,
+                                      rule=rule.get("id"),
+                                      action=names.POLKIT_ACTION_MANAGE_RULES)
+        return str(rule_id)
+
+    async def remove_rule(self, rule_id: str) -> None:
+        await self._call("RemoveRule", "s", [rule_id], write=True, rule=rule_id,
+                         action=names.POLKIT_ACTION_MANAGE_RULES)
+
+    async def list_rules(self) -> list[dict[str, Any]]:
+        (rules,) = await self._call("ListRules")
+        return [_plain(r) for r in rules]
+
+    async def reload(self) -> None:
+        """Reload: the daemon re-reads its permanent rules."""
+        await self._call("Reload", write=True, action=names.POLKIT_ACTION_MANAGE_RULES)

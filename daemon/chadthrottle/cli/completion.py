@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 PROG = "chadthrottlectl"
 RATE_EXAMPLES = "50K 1M 1.5M 512KiB/s 10mbit unlimited"
+#: value options completed by a case of their own (the others complete nothing)
+SPECIAL_VALUE_OPTIONS = frozenset({"-d", "--download", "-u", "--upload", "--name", "--exe",
+                                   "--user", "--unit"})
 
 
 @dataclass
@@ -21,7 +24,7 @@ class Node:
     options: list[str] = field(default_factory=list)
     value_options: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
-    positional: str = ""  # "pid", "unit", "shell", "command" or ""
+    positional: str = ""  # "pid", "unit", "rule", "shell", "command" or ""
     shells: list[str] = field(default_factory=list)
 
 
@@ -40,6 +43,8 @@ def walk(parser: argparse.ArgumentParser, path: str = "") -> list[Node]:
                 node.value_options.extend(action.option_strings)
         elif action.dest in ("pid", "unit", "command"):
             node.positional = action.dest
+        elif action.dest == "rule_id":
+            node.positional = "rule"
         elif action.dest == "shell":
             node.positional = "shell"
             node.shells = list(action.choices or [])
@@ -101,8 +106,15 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
         --name)
             COMPREPLY=($(compgen -W "$(cat /proc/[0-9]*/comm 2>/dev/null | sort -u)" -- "$cur"))
             return 0 ;;
-        {"|".join(o for o in value_opts if o not in ("-d", "--download", "-u", "--upload",
-                                                     "--name")) or "--never--"})
+        --exe)
+            COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
+        --user)
+            COMPREPLY=($(compgen -u -- "$cur")); return 0 ;;
+        --unit)
+            COMPREPLY=($(compgen -W "$(systemctl list-units --plain --no-legend \\
+                 --type=scope,service,slice 2>/dev/null | awk '{{print $1}}')" -- "$cur"))
+            return 0 ;;
+        {"|".join(o for o in value_opts if o not in SPECIAL_VALUE_OPTIONS) or "--never--"})
             return 0 ;;
     esac
     if [[ "$cur" == -* ]]; then
@@ -119,6 +131,8 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
         pid) COMPREPLY=($(compgen -W "$(cd /proc && echo [0-9]*)" -- "$cur")) ;;
         unit) COMPREPLY=($(compgen -W "$(systemctl list-units --plain --no-legend \\
                  --type=scope,service,slice 2>/dev/null | awk '{{print $1}}')" -- "$cur")) ;;
+        rule) COMPREPLY=($(compgen -W "$("${{COMP_WORDS[0]}}" rule list --quiet 2>/dev/null)" \\
+                 -- "$cur")) ;;
         shell) COMPREPLY=($(compgen -W "{_words(shells)}" -- "$cur")) ;;
         command) COMPREPLY=($(compgen -W "--" -- "$cur")) ;;
     esac

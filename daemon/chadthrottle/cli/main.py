@@ -16,6 +16,7 @@ from rich.console import Console
 
 from chadthrottle import __version__, names
 from chadthrottle.cli import completion, render
+from chadthrottle.cli import rules as rulecli
 from chadthrottle.cli.client import Client, DaemonError
 from chadthrottle.cli.procs import comm_of, find_by_name
 from chadthrottle.cli.run import ExecFailed, run_limited
@@ -35,13 +36,16 @@ printed in [brackets]; 2 usage error (bad option, bad rate, ambiguous --name). '
 with the command's own status (128+N if a signal N killed it; 127 not found, 126 not
 executable).
 
---json (on stats, list, top, info) prints stable keys:
+--json (on stats, list, top, info, rule list) prints stable keys:
   stats/top: pid comm cgroup download_limit upload_limit download_rate upload_rate
              download_bytes upload_bytes download_dropped upload_dropped program_calls
              status  (rates and limits in bytes/s, bytes in bytes, drops in packets;
              top prints a list, highest rate first)
-  list:      pid comm download_limit upload_limit
+  list:      pid comm download_limit upload_limit (and rule, the id of the rule behind
+             the limit, "" for none, when the daemon reports rules)
   info:      version attached_cgroups client_version
+  rule list: id name exe comm cmdline uid unit scope download upload permanent enabled
+             matched  (a key the rule does not have is null)
 
 The daemon is reached on the system bus ($DBUS_SYSTEM_BUS_ADDRESS if set); start it with
 'sudo systemctl start chadthrottled' (or 'sudo make run' from a source checkout).
@@ -106,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("--json", action="store_true", default=False,
-                   help="machine-readable output for read commands (stats, list, top, info)")
+                   help="machine-readable output for read commands (stats, list, top, info, "
+                        "rule list)")
     p.add_argument("--bus", metavar="ADDRESS",
                    help="D-Bus address of the system bus (default: $DBUS_SYSTEM_BUS_ADDRESS, "
                         "else the standard socket)")
@@ -188,12 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Show the daemon's version and the cgroups its programs are "
                                "attached to.")
 
+    rsub = rulecli.add_parser(sub, json_parent=json_parent, rate_options=rate_options,
+                              epilog=RULES)
+
     sp = sub.add_parser("completion", help="print a shell completion script",
                         description="Print a completion script: "
                                     f"'source <({PROG} completion bash)', or for zsh "
                                     f"'eval \"$({PROG} completion zsh)\"' after compinit.")
     sp.add_argument("shell", choices=("bash", "zsh"), help="the shell")
-    for subparsers in (sub, usub):  # check_args() reports errors with the right usage line
+    for subparsers in (sub, usub, rsub):  # check_args() reports errors with the right usage
         for parser in subparsers.choices.values():
             parser.set_defaults(parser=parser)
     return p
@@ -254,7 +262,8 @@ async def cmd_stats(c: Client, args: argparse.Namespace, out: Console) -> int:
 
 async def cmd_list(c: Client, args: argparse.Namespace, out: Console) -> int:
     limits = await c.list_limits()
-    rows = render.list_json(limits, {pid: comm_of(pid) for pid, _, _ in limits})
+    rules = await rulecli.rules_of(c, [pid for pid, _, _ in limits])
+    rows = render.list_json(limits, {pid: comm_of(pid) for pid, _, _ in limits}, rules)
     if args.json:
         print(render.dumps(rows))
     elif not rows:
@@ -309,9 +318,13 @@ async def cmd_info(c: Client, args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+async def cmd_rule(c: Client, args: argparse.Namespace, out: Console) -> int:
+    return await rulecli.run(c, args, out)
+
+
 COMMANDS = {
     "limit": cmd_limit, "clear": cmd_clear, "stats": cmd_stats, "list": cmd_list,
-    "top": cmd_top, "unit": cmd_unit, "run": cmd_run, "info": cmd_info,
+    "top": cmd_top, "unit": cmd_unit, "run": cmd_run, "info": cmd_info, "rule": cmd_rule,
 }
 
 
@@ -332,6 +345,8 @@ def check_args(args: argparse.Namespace) -> None:
             parser.error(f"give a download (-d) and/or upload (-u) rate{hint}")
     if args.cmd == "run" and not (args.download or args.upload):
         parser.error("a limit of 0 in both directions would not limit anything")
+    if args.cmd == "rule":
+        rulecli.check(args, parser)
 
 
 def make_console() -> Console:

@@ -5,7 +5,9 @@ The JSON keys are part of the CLI's interface (documented in the README and ``--
 * ``stats --json``: one object with the contract's GetStats keys (:data:`STATS_KEYS`);
   rates and limits in bytes/s, byte counts in bytes, drops in packets.
 * ``top --json``: a list of such objects, highest ``download_rate + upload_rate`` first.
-* ``list --json``: a list of ``{"pid", "comm", "download_limit", "upload_limit"}`` by pid.
+* ``list --json``: a list of ``{"pid", "comm", "download_limit", "upload_limit"}`` by pid,
+  plus ``"rule"`` (the id of the rule behind the limit, "" for none) when the daemon
+  reports rules.
 * ``info --json``: ``{"version", "attached_cgroups", "client_version"}``.
 """
 
@@ -19,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chadthrottle import names
+from chadthrottle.cli.rules import rule_cell
 from chadthrottle.units import format_bytes, format_limit, format_rate
 
 STATS_KEYS: tuple[str, ...] = (
@@ -33,6 +36,8 @@ _INT_KEYS = frozenset(STATS_KEYS) - {"comm", "cgroup", "status", "download_rate"
 _FLOAT_KEYS = frozenset({"download_rate", "upload_rate"})
 
 LIST_KEYS: tuple[str, ...] = ("pid", "comm", "download_limit", "upload_limit")
+#: GetStats/ListProcesses key (and ``list --json`` key) naming the rule behind a limit
+RULE_KEY = "rule"
 INFO_KEYS: tuple[str, ...] = ("version", "attached_cgroups", "client_version")
 
 STATUS_TEXT = {
@@ -93,12 +98,18 @@ def top_json(procs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [stats_json(p) for p in sort_processes(procs)]
 
 
-def list_json(limits: Iterable[tuple[int, int, int]],
-              comms: Mapping[int, str | None]) -> list[dict[str, Any]]:
-    return [
+def list_json(limits: Iterable[tuple[int, int, int]], comms: Mapping[int, str | None],
+              rules: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
+    """``rules`` (pid -> rule id, '' for none) is None when the daemon does not report rules:
+    then the rows have no ``rule`` key."""
+    rows = [
         {"pid": pid, "comm": comms.get(pid), "download_limit": down, "upload_limit": up}
         for pid, down, up in sorted(limits)
     ]
+    if rules is not None:
+        for row in rows:
+            row[RULE_KEY] = rules.get(row["pid"], "")
+    return rows
 
 
 def info_json(version: str | None, attached: Iterable[str] | None,
@@ -153,9 +164,13 @@ def list_table(rows: list[dict[str, Any]]) -> Table:
     table.add_column("NAME")
     table.add_column("DOWNLOAD LIMIT", justify="right")
     table.add_column("UPLOAD LIMIT", justify="right")
+    with_rule = any(row.get(RULE_KEY) for row in rows)
+    if with_rule:
+        table.add_column("RULE")
     for row in rows:
-        table.add_row(str(row["pid"]), row["comm"] or "?", format_limit(row["download_limit"]),
-                      format_limit(row["upload_limit"]))
+        cells = [str(row["pid"]), row["comm"] or "?", format_limit(row["download_limit"]),
+                 format_limit(row["upload_limit"])]
+        table.add_row(*cells, *([rule_cell(row.get(RULE_KEY))] if with_rule else []))
     return table
 
 
@@ -175,7 +190,11 @@ def top_table(procs: Iterable[Mapping[str, Any]], caption: str | None = None) ->
     table.add_column("UP LIMIT", justify="right")
     table.add_column("STATUS")
     table.add_column("DROPS ↓/↑", justify="right")
-    for p in sort_processes(procs):
+    procs = sort_processes(procs)
+    with_rule = any(RULE_KEY in p for p in procs)  # a daemon that reports rules
+    if with_rule:
+        table.add_column("RULE", max_width=24, no_wrap=True)
+    for p in procs:
         s = stats_json(p)
         status = s["status"] or "?"
         table.add_row(
@@ -187,6 +206,7 @@ def top_table(procs: Iterable[Mapping[str, Any]], caption: str | None = None) ->
             _limit_cell(s["upload_limit"]),
             Text(status, style=STATUS_STYLE.get(status, "")),
             f"{s['download_dropped'] or 0}/{s['upload_dropped'] or 0}",
+            *([rule_cell(p.get(RULE_KEY))] if with_rule else []),
             style=LIMITED_ROW_STYLE if is_limited(s) else None,
         )
     return table

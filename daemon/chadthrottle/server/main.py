@@ -20,7 +20,7 @@ from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
-from .. import __version__, names
+from .. import __version__, names, paths
 from ..errors import ChadthrottleError
 from . import log as logsetup
 from .diagnostics import INTERVAL as DIAG_INTERVAL
@@ -52,8 +52,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "chadthrottlectl top) shows every process with traffic before any "
                         "limit is set; by default programs attach lazily, once per stable "
                         "parent cgroup of a limited process (also $CHADTHROTTLE_MONITOR_ALL=1)")
+    p.add_argument("--config-dir", default=None, metavar="DIR",
+                   help=f"configuration directory; permanent rules are DIR/rules.d/*.toml "
+                        f"(default: ${paths.ENV_CONFIG_DIR}, else {paths.DEFAULT_CONFIG_DIR})")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help=f"runtime state (limits and runtime rules kept across a restart) "
+                        f"(default: ${paths.ENV_STATE_DIR}, else {paths.DEFAULT_STATE_DIR})")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.paths = paths.resolve(args.config_dir, args.state_dir, os.environ)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 class Daemon:
