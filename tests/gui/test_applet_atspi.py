@@ -1,0 +1,146 @@
+"""Issue 10: the applet, headless and real — Xvfb, a private system bus with the project's
+policy, the real daemon, a real curl downloading from a local HTTP server.  The applet is
+driven through AT-SPI (pyatspi) by accessible names only; what it did is checked over the
+bus with dbus-send, and on curl's own output.
+
+The run saves screenshots drawn by the applet (the daemon-not-running page, the editor, the
+main list and the Limits tab).  With CHADTHROTTLE_GUI_SHOTS=DIR they are copied to DIR
+(``CHADTHROTTLE_GUI_SHOTS=docs make test PYTEST_ARGS=tests/gui`` refreshes the README's).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from chadthrottle.bench.traffic import HttpServer, Transfer, paced_download
+
+from .conftest import LineProgram, dbus_helpers, requires_bpf_object, requires_root
+from .desktop import Applet, Desktop
+
+pytestmark = [requires_root, requires_bpf_object, pytest.mark.slow, pytest.mark.gui]
+
+DRIVER = Path(__file__).with_name("atspi_driver.py")
+MiB = 1024 * 1024
+CURL_OWN_CAP = "20M"  # curl's own --limit-rate before ours: 20 MiB/s, light on a 2-core VM
+SHOTS_ENV = "CHADTHROTTLE_GUI_SHOTS"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class Atspi(LineProgram):
+    def do(self, *cmd: object, timeout: float = 60.0, applet: Applet | None = None):
+        self.send(*cmd)
+        answer = self.read(timeout)
+        log = f"\n--- applet output ---\n{applet.output()[-3000:]}" if applet else ""
+        assert answer is not None, f"the AT-SPI driver did not answer {cmd} in time{log}"
+        assert answer["ok"], f"{cmd}: {answer['error']}{log}"
+        return answer["value"]
+
+
+def list_limits(address: str) -> list[tuple[int, int, int]]:
+    r = dbus_helpers.dbus_send(address, "ListLimits")
+    assert r.ok, r
+    nums = [int(n) for n in re.findall(r"(?:uint32|uint64) (\d+)", r.text)]
+    return [tuple(nums[i:i + 3]) for i in range(0, len(nums), 3)]
+
+
+def stat(address: str, pid: int, key: str) -> float:
+    r = dbus_helpers.dbus_send(address, "GetStats", f"uint32:{pid}")
+    assert r.ok, r
+    m = re.search(r'string "' + re.escape(key) + r'"\s+variant\s+\w+ ([\d.e+-]+)', r.text)
+    assert m, f"GetStats has no {key}: {r.text}"
+    return float(m.group(1))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_applet_limits_a_running_curl_through_the_editor(gui_deps, private_bus, tmp_path):
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    desktop = Desktop().start()
+    applet = daemon = driver = None
+    try:
+        # the daemon is not running yet: the applet says so, and how to start it
+        applet = Applet(desktop, private_bus, tmp_path / "applet.log", shots)
+        driver = Atspi(DRIVER, desktop.env)
+        assert driver.do("wait_app", applet=applet) == "chadthrottle"
+        driver.do("wait_name", "The chadthrottle daemon is not running", applet=applet)
+        driver.do("wait_name", "sudo systemctl start chadthrottled", applet=applet)
+        driver.do("shot", "applet-no-daemon", applet=applet)
+
+        # the daemon comes: the applet follows without a restart
+        daemon = dbus_helpers.start_daemon(private_bus, tmp_path / "chadthrottled.log",
+                                           "--monitor-all")
+        with HttpServer() as srv, \
+                Transfer(["curl", "-sS", "--limit-rate", CURL_OWN_CAP, "--max-time", "120",
+                          "-o", "-", srv.url(1 << 40)], max_seconds=120) as curl, \
+                Transfer(paced_download(srv.url(1 << 40), 3_000_000, 120), max_seconds=120):
+            driver.do("expand", "curl", applet=applet)
+            row = driver.do("wait_name", f"curl (PID {curl.pid})", applet=applet)
+            assert row == f"curl (PID {curl.pid})"
+            time.sleep(4)  # a few seconds of unlimited history in the sparklines
+
+            # click the curl row's limit button, pick the 1 MiB/s preset, apply
+            title = driver.do("open_editor", curl.pid, applet=applet)
+            assert title == f"Limit curl (PID {curl.pid})"
+            driver.do("click", "Download 1 MiB/s", applet=applet)
+            assert driver.do("entry_text", "Download limit rate", "1 MiB/s",
+                             applet=applet) == "1 MiB/s"
+            assert driver.do("entry_text", "Upload limit rate", applet=applet) == "unlimited"
+            driver.do("shot", "applet-editor", applet=applet)
+            driver.do("click", "Apply", applet=applet)
+            driver.do("wait_window_gone", "Limit curl", applet=applet)
+
+            # over the bus: the limit is in force ...
+            assert (curl.pid, MiB, 0) in list_limits(private_bus)
+            assert stat(private_bus, curl.pid, "download_limit") == MiB
+            # ... and the window shows it
+            texts = driver.do("wait_row_text", curl.pid, "↓ 1 MiB/s", applet=applet)
+            assert any("↓ 1 MiB/s" in t for t in texts), texts
+
+            # curl's rate falls to about 1 MiB/s: the daemon's figure and curl's own output
+            time.sleep(5)
+            rates = []
+            for _ in range(5):
+                rates.append(stat(private_bus, curl.pid, "download_rate"))
+                time.sleep(1)
+            t = time.monotonic() - curl.t0
+            measured = curl.rate(t - 5, t)
+            assert 0.5 * MiB <= statistics.median(rates) <= 1.5 * MiB, rates
+            assert 0.5 * MiB <= measured <= 1.5 * MiB, measured
+
+            time.sleep(3)
+            driver.do("wait_row_text", curl.pid, "throttled", applet=applet)
+            driver.do("shot", "applet-main", applet=applet)
+            driver.do("click", "Limits and Rules", applet=applet)
+            driver.do("wait_name", f"Limit of curl (PID {curl.pid})", applet=applet)
+            driver.do("shot", "applet-limits", applet=applet)
+            assert applet.alive(), applet.output()[-3000:]
+    finally:
+        if driver is not None:
+            driver.close()
+        if applet is not None:
+            applet.stop()
+        if daemon is not None:
+            rc = daemon.stop()
+            assert rc == 0, daemon.log()[-3000:]
+        desktop.stop()
+
+    for name in ("applet-no-daemon", "applet-editor", "applet-main", "applet-limits"):
+        w, h = png_size(shots / f"{name}.png")
+        assert w >= 400 and h >= 200, (name, w, h)
+    if os.environ.get(SHOTS_ENV):
+        dest = Path(os.environ[SHOTS_ENV])
+        dest.mkdir(parents=True, exist_ok=True)
+        for png in shots.glob("*.png"):
+            shutil.copyfile(png, dest / png.name)
