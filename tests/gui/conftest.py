@@ -64,6 +64,7 @@ class LineProgram:
         self.proc = subprocess.Popen([SYSTEM_PYTHON, str(script), *args], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
+        self._buf = b""
         self._sel = selectors.DefaultSelector()
         assert self.proc.stdout
         self._sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -74,22 +75,23 @@ class LineProgram:
         self.proc.stdin.flush()
 
     def read(self, timeout: float) -> dict | None:
-        """The next JSON line, or None after timeout seconds."""
+        """The next JSON line, or None after timeout seconds.  Lines are split here from raw
+        reads: a buffered readline() could hold further lines where select() cannot see
+        them."""
         assert self.proc.stdout
         deadline = time.monotonic() + timeout
-        while True:
+        while b"\n" not in self._buf:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or not self._sel.select(left):
                 return None
-            if not self._sel.select(left):
-                return None
-            line = self.proc.stdout.readline()
-            if not line:
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
                 raise AssertionError(f"{self.proc.args[1]} exited "
                                      f"({self.proc.wait()}): {self.stderr()}")
-            line = line.strip()
-            if line:
-                return json.loads(line)
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        line = line.strip()
+        return json.loads(line) if line else self.read(max(0.0, deadline - time.monotonic()))
 
     def stderr(self) -> str:
         if self.proc.poll() is None or self.proc.stderr is None:
@@ -112,3 +114,6 @@ class LineProgram:
             if f:
                 f.close()
         return rc
+
+
+sleeper = dbus_helpers.sleeper  # idle processes to limit, stopped by pid afterwards
