@@ -95,7 +95,7 @@ class Proc:
 
     @property
     def name(self) -> str:
-        return self.comm or app_name(self.exe, "") or f"PID {self.pid}"
+        return self.comm or (app_name(self.exe, "") if self.exe else "") or f"PID {self.pid}"
 
     @property
     def user(self) -> str:
