@@ -11,7 +11,7 @@ import gi
 
 gi.require_version("Gtk", "4.0")
 gi.require_version("Adw", "1")
-from gi.repository import Adw, Gio, GLib, Gtk  # noqa: E402
+from gi.repository import Adw, Gdk, Gio, GLib, Gtk  # noqa: E402
 
 from chadthrottle import __version__  # noqa: E402
 from chadthrottle.gui import APP_ID, PROGRAM_NAME, text  # noqa: E402
@@ -21,6 +21,8 @@ from chadthrottle.gui.prefs import Prefs  # noqa: E402
 #: a directory: the app action ``screenshot(name)`` then writes NAME.png of the topmost
 #: window there (used by the tests that make the README's pictures)
 SCREENSHOT_DIR_ENV = "CHADTHROTTLE_GUI_SCREENSHOT_DIR"
+#: the icon in a source checkout (``make install`` puts it in the hicolor theme)
+SOURCE_ICONS = Path(__file__).resolve().parents[3] / "packaging"
 
 
 class Applet(Adw.Application):
@@ -32,6 +34,10 @@ class Applet(Adw.Application):
 
     def do_startup(self) -> None:
         Adw.Application.do_startup(self)
+        display = Gdk.Display.get_default()
+        if display is not None and (SOURCE_ICONS / f"{APP_ID}.svg").exists():
+            Gtk.IconTheme.get_for_display(display).add_search_path(str(SOURCE_ICONS))
+        Gtk.Window.set_default_icon_name(APP_ID)
         notif = Gio.SimpleAction.new_stateful(
             "notifications", None, GLib.Variant("b", bool(self.prefs["notifications"])))
         notif.connect("change-state", self._on_notifications)
