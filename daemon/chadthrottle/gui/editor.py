@@ -202,7 +202,7 @@ class LimitEditor(Adw.Window):
         self.apply_button.add_css_class("suggested-action")
         inner = Gtk.Box(spacing=6)
         self.apply_lock = Gtk.Image.new_from_icon_name("changes-prevent-symbolic")
-        self.apply_spinner = Gtk.Spinner()
+        self.apply_spinner = Gtk.Spinner(visible=False)
         inner.append(self.apply_lock)
         inner.append(self.apply_spinner)
         inner.append(Gtk.Label(label="Apply"))
@@ -377,6 +377,7 @@ class LimitEditor(Adw.Window):
     def _show_error(self, err: CallError | str) -> None:
         self.busy = False
         self.apply_spinner.stop()
+        self.apply_spinner.set_visible(False)
         msg = err if isinstance(err, str) else text.explain(err.name, err.text)
         self.message.set_label(msg)
         self.message.set_visible(True)
@@ -399,6 +400,7 @@ class LimitEditor(Adw.Window):
         scope = self.scope()
         permanent = self.permanent.get_active() and self.permanent_row.get_sensitive()
         self.busy = True
+        self.apply_spinner.set_visible(True)
         self.apply_spinner.start()
         self.message.set_visible(False)
         self._refresh()

@@ -50,6 +50,9 @@ def header_row() -> Gtk.Box:
         if key == "name":
             label.set_hexpand(True)
             label.set_margin_start(INDENT + 4)
+        elif key == "limit":  # the cells are flat buttons: their text starts inside a padding
+            label.set_size_request(width - 10, -1)
+            label.set_margin_start(10)
         else:
             label.set_size_request(width, -1)
         box.append(label)
