@@ -64,6 +64,19 @@ def forge(address: str, *gdbus_args: str) -> None:
     assert p.returncode == 0, p.stderr
 
 
+def pcap_messages(data: bytes) -> list[bytes]:
+    """The D-Bus messages of a ``dbus-monitor --pcap`` capture."""
+    out, pos = [], 24  # the global header
+    while pos + 16 <= len(data):
+        n = int.from_bytes(data[pos + 8:pos + 12], "little")
+        out.append(data[pos + 16:pos + 16 + n])
+        pos += 16 + n
+    return out
+
+
+ALLOW_INTERACTIVE_AUTHORIZATION = 0x4  # the header's flags byte (D-Bus specification)
+
+
 def has_member(address: str, member: str) -> bool:
     r = dbus_helpers.dbus_send(address, "Introspect",
                                interface="org.freedesktop.DBus.Introspectable")
@@ -114,10 +127,25 @@ def test_client_follows_the_daemon_and_believes_only_its_owner(gui_deps, private
                   f"{{'Limits': <[(uint32 {FORGED_PID}, uint64 1024, uint64 0)]>}}",
                   "@as []")
 
-            # a change the applet makes, then one made by someone else
-            probe.send("set_limit", curl.pid, MiB, 0)
-            reply = probe.expect("the SetLimit reply", lambda e: e["event"] == "reply")
-            assert reply["error"] is None, reply
+            # a change the applet makes, then one made by someone else; the bus is watched
+            # to see the applet's call carry the allow-interactive-authorization flag
+            monitor = subprocess.Popen(
+                ["dbus-monitor", "--system", "--pcap",
+                 f"type='method_call',interface='{names.INTERFACE}',member='SetLimit'"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(1)  # it is monitoring once it has written the pcap header
+                probe.send("set_limit", curl.pid, MiB, 0)
+                reply = probe.expect("the SetLimit reply", lambda e: e["event"] == "reply")
+                assert reply["error"] is None, reply
+            finally:
+                time.sleep(0.5)
+                monitor.terminate()
+                captured = monitor.communicate(timeout=10)[0]
+            calls = [m for m in pcap_messages(captured)
+                     if b"SetLimit\x00" in m and me.encode() + b"\x00" in m]
+            assert calls and all(m[2] & ALLOW_INTERACTIVE_AUTHORIZATION for m in calls), \
+                [m[:4] for m in calls]
             ours = probe.expect("our LimitChanged", lambda e: e["event"] == "limit-changed"
                                 and e["pid"] == curl.pid)
             assert (ours["download"], ours["upload"], ours["by_us"]) == (MiB, 0, True)
