@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -143,3 +144,70 @@ def test_applet_limits_a_running_curl_through_the_editor(gui_deps, private_bus, 
         dest.mkdir(parents=True, exist_ok=True)
         for png in shots.glob("*.png"):
             shutil.copyfile(png, dest / png.name)
+
+
+def activate_action(desktop: Desktop, action: str) -> None:
+    """Activate one of the applet's actions, as its menu does, over the session bus."""
+    p = subprocess.run(["gdbus", "call", "--session", "--dest", "org.chadthrottle.Gui",
+                        "--object-path", "/org/chadthrottle/Gui", "--method",
+                        "org.gtk.Actions.Activate", action, "[]", "{}"],
+                       env=desktop.env, capture_output=True, text=True, timeout=15)
+    assert p.returncode == 0, p.stderr
+
+
+def test_notifications_are_off_by_default_then_tell_of_others_changes_and_exits(
+        gui_deps, private_bus, tmp_path, sleeper):
+    desktop = Desktop().start()
+    applet = daemon = monitor = None
+    try:
+        daemon = dbus_helpers.start_daemon(private_bus, tmp_path / "chadthrottled.log")
+        applet = Applet(desktop, private_bus, tmp_path / "applet.log")
+        # what the applet sends to the desktop's notification server
+        monitor = subprocess.Popen(
+            ["dbus-monitor", "--session",
+             "type='method_call',interface='org.freedesktop.Notifications',member='Notify'"],
+            env=desktop.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 30
+        while subprocess.run(["dbus-send", "--session", "--print-reply",
+                              "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+                              "org.freedesktop.DBus.NameHasOwner", "string:org.chadthrottle.Gui"],
+                             env=desktop.env, capture_output=True, text=True
+                             ).stdout.find("true") < 0:
+            assert time.monotonic() < deadline and applet.alive(), applet.output()[-3000:]
+            time.sleep(0.2)
+        time.sleep(2)  # the applet has found the daemon
+
+        quiet, loud = sleeper(), sleeper()
+        # off by default: someone else's limit is not told
+        r = dbus_helpers.dbus_send(private_bus, "SetLimit", f"uint32:{quiet.pid}",
+                                   "uint64:65536", "uint64:0")
+        assert r.ok, r
+        time.sleep(1)
+        activate_action(desktop, "notifications")
+        prefs = Path(desktop.env["XDG_CONFIG_HOME"]) / "chadthrottle" / "gui.json"
+        assert '"notifications": true' in prefs.read_text()
+        r = dbus_helpers.dbus_send(private_bus, "SetLimit", f"uint32:{loud.pid}",
+                                   "uint64:65536", "uint64:0")
+        assert r.ok, r
+        time.sleep(1)
+        dbus_helpers.stop_pid(loud)  # LimitRemoved(pid, "exited")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if not dbus_helpers.dbus_send(private_bus, "ListLimits").text.count(str(loud.pid)):
+                break
+        time.sleep(1)
+        assert applet.alive(), applet.output()[-3000:]
+    finally:
+        if monitor is not None:
+            monitor.terminate()
+            seen = monitor.communicate(timeout=10)[0]
+        if applet is not None:
+            applet.stop()
+        if daemon is not None:
+            daemon.stop()
+        desktop.stop()
+    assert f"Someone else limited PID {loud.pid} (sleep)" in seen, seen
+    assert "A limited process ended" in seen, seen
+    assert f"PID {loud.pid} (sleep) ended" in seen, seen
+    assert f"PID {quiet.pid}" not in seen, seen

@@ -31,6 +31,7 @@ class Applet(Adw.Application):
         self.client = ThrottleClient()
         self.prefs = Prefs()
         self.window = None
+        self._names: dict[int, str] = {}
 
     def do_startup(self) -> None:
         Adw.Application.do_startup(self)
@@ -81,22 +82,34 @@ class Applet(Adw.Application):
         self.send_notification(key, n)
 
     def _name(self, pid: int) -> str:
+        """``PID 9256 (wget)``: the name from the list, else from /proc (kept for the exit,
+        when /proc no longer has it)."""
         proc = self.window.model.procs.get(pid) if self.window is not None else None
-        return text.who(pid, proc.name if proc else "")
+        name = proc.name if proc is not None else self._names.get(pid, "")
+        if not name:
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                name = ""
+        if name:
+            self._names[pid] = name
+        return text.who(pid, name)
 
     def _notify_removed(self, pid: int, reason: str) -> None:
+        name = self._name(pid)
+        self._names.pop(pid, None)
         if reason == "exited":
             self._notify(f"exit-{pid}", "A limited process ended",
-                         f"{self._name(pid)} ended; its limit is gone")
+                         f"{name} ended; its limit is gone")
         elif not self.client.changed_by_us(pid):
             self._notify(f"limit-{pid}", "A limit was removed",
-                         f"Someone else cleared the limit of {self._name(pid)}")
+                         f"Someone else cleared the limit of {name}")
 
     def _notify_changed(self, pid: int, down: int, up: int) -> None:
+        name = self._name(pid)  # remembered for its exit
         if not self.client.changed_by_us(pid):
             self._notify(f"limit-{pid}", "A limit was changed",
-                         f"Someone else limited {self._name(pid)}: "
-                         f"{text.limits_summary(down, up)}")
+                         f"Someone else limited {name}: {text.limits_summary(down, up)}")
 
     # --- about, screenshots ------------------------------------------------------------------
     def _about(self, *_: Any) -> None:

@@ -90,6 +90,7 @@ class MainWindow(Adw.ApplicationWindow):
         self.search.set_hexpand(True)
         self.search.update_property([Gtk.AccessibleProperty.LABEL], ["Search"])
         self.search.connect("search-changed", lambda _e: self._refilter())
+        self.search.set_key_capture_widget(procs)  # typing in the list searches
         self.active_only = Gtk.ToggleButton(label="Active only")
         self.active_only.set_tooltip_text("Hide applications and processes with no traffic now")
         self.active_only.set_active(bool(prefs["active_only"]))
