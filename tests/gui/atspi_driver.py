@@ -214,6 +214,21 @@ class Driver:
             return texts if any(text in t for t in texts) else None
         return self.wait(f"{text!r} in the row of PID {pid}", has, timeout)
 
+    def cmd_window_states(self, title: str) -> list[str]:
+        """The states of the applet's window with this title ([] when there is none)."""
+        for w in self.windows():
+            if _name(w) == title:
+                return sorted(pyatspi.stateToString(x) for x in w.getState().getStates())
+        return []
+
+    def cmd_wait_window_shown(self, title: str, shown: bool = True,
+                              timeout: float = TIMEOUT) -> list[str]:
+        def check() -> list[str] | None:
+            states = self.cmd_window_states(title)
+            return (states or ["none"]) if ("showing" in states) == shown else None
+        return self.wait(f"the window {title!r} {'shown' if shown else 'hidden'}", check,
+                         timeout)
+
     def cmd_dump(self) -> list[str]:
         """The applet's accessible tree, one line a node (for failure messages)."""
         out = []

@@ -211,3 +211,64 @@ def test_notifications_are_off_by_default_then_tell_of_others_changes_and_exits(
     assert "A limited process ended" in seen, seen
     assert f"PID {loud.pid} (sleep) ended" in seen, seen
     assert f"PID {quiet.pid}" not in seen, seen
+
+
+SNI_HOST = Path(__file__).with_name("sni_host.py")
+
+
+class Host(LineProgram):
+    def next(self, event: str, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            e = self.read(max(0.0, deadline - time.monotonic()))
+            assert e is not None, f"no {event} from the tray host"
+            assert e["event"] != "error", e
+            if e["event"] == event:
+                return e
+
+
+def test_tray_icon_shows_rates_and_toggles_the_window(gui_deps, private_bus, tmp_path):
+    desktop = Desktop().start()
+    applet = daemon = driver = host = None
+    try:
+        host = Host(SNI_HOST, desktop.env)
+        host.next("watching")
+        applet = Applet(desktop, private_bus, tmp_path / "applet.log")
+        registered = host.next("registered")
+        assert registered["service"] == registered["sender"]
+        driver = Atspi(DRIVER, desktop.env)
+        driver.do("wait_app", applet=applet)
+        driver.do("wait_window_shown", "chadthrottle", applet=applet)
+        host.send("get", "Status")
+        assert host.next("value")["value"] == "Passive"  # no daemon yet
+        daemon = dbus_helpers.start_daemon(private_bus, tmp_path / "chadthrottled.log")
+        assert host.next("signal")["args"] == ["Active"]
+        host.next("signal")  # NewToolTip: the first sample
+        host.send("get", "ToolTip")
+        icon, _pixmaps, title, tip = host.next("value")["value"]
+        assert (icon, title) == ("org.chadthrottle.Gui", "chadthrottle")
+        assert tip.startswith("↓ ") and "↑ " in tip, tip
+
+        # a click on the icon hides the window, another shows it
+        host.send("activate")
+        host.next("activated")
+        driver.do("wait_window_shown", "chadthrottle", False, applet=applet)
+        host.send("activate")
+        host.next("activated")
+        driver.do("wait_window_shown", "chadthrottle", applet=applet)
+        # with a tray, closing the window hides it; the applet goes on
+        driver.do("click", "Close", applet=applet)
+        driver.do("wait_window_shown", "chadthrottle", False, applet=applet)
+        assert applet.alive()
+        host.send("activate")
+        host.next("activated")
+        driver.do("wait_window_shown", "chadthrottle", applet=applet)
+    finally:
+        for p in (driver, host):
+            if p is not None:
+                p.close()
+        if applet is not None:
+            applet.stop()
+        if daemon is not None:
+            daemon.stop()
+        desktop.stop()

@@ -17,6 +17,8 @@ from chadthrottle import __version__  # noqa: E402
 from chadthrottle.gui import APP_ID, PROGRAM_NAME, text  # noqa: E402
 from chadthrottle.gui.bus import ThrottleClient  # noqa: E402
 from chadthrottle.gui.prefs import Prefs  # noqa: E402
+from chadthrottle.gui.tray import TrayItem  # noqa: E402
+from chadthrottle.units import format_rate  # noqa: E402
 
 #: a directory: the app action ``screenshot(name)`` then writes NAME.png of the topmost
 #: window there (used by the tests that make the README's pictures)
@@ -31,6 +33,7 @@ class Applet(Adw.Application):
         self.client = ThrottleClient()
         self.prefs = Prefs()
         self.window = None
+        self.tray: TrayItem | None = None
         self._names: dict[int, str] = {}
 
     def do_startup(self) -> None:
@@ -57,17 +60,45 @@ class Applet(Adw.Application):
         self.client.on("limit-removed", self._notify_removed)
         self.client.on("limit-changed", self._notify_changed)
         self.client.start()
+        conn = self.get_dbus_connection()
+        if conn is not None:
+            icons = str(SOURCE_ICONS) if (SOURCE_ICONS / f"{APP_ID}.svg").exists() else ""
+            self.tray = TrayItem(conn, icon=APP_ID, icon_path=icons,
+                                 on_activate=self._toggle_window)
+            self.tray.start()
+            self.client.on("state", lambda state, _d: self.tray.set_status(
+                "Active" if state == "up" else "Passive"))
 
     def do_activate(self) -> None:
         from chadthrottle.gui.window import MainWindow
 
         if self.window is None:
             self.window = MainWindow(self, self.client, self.prefs)
+            self.client.on("stats", self._update_tray)  # after the window's own handler
         self.window.present()
 
     def do_shutdown(self) -> None:
+        if self.tray is not None:
+            self.tray.stop()
         self.client.stop()
         Adw.Application.do_shutdown(self)
+
+    # --- the tray ----------------------------------------------------------------------------
+    def _toggle_window(self) -> None:
+        if self.window is not None and self.window.is_visible() and self.window.is_active():
+            self.window.set_visible(False)
+        else:
+            self.activate()
+
+    def _update_tray(self, _rows: Any) -> None:
+        if self.tray is not None and self.window is not None:
+            m = self.window.model
+            self.tray.set_tooltip(f"↓ {format_rate(m.total_download)}  "
+                                  f"↑ {format_rate(m.total_upload)}")
+
+    def hides_to_tray(self) -> bool:
+        """Closing the window hides it while a panel shows the tray icon."""
+        return self.tray is not None and self.tray.registered
 
     # --- preferences and notifications -------------------------------------------------------
     def _on_notifications(self, action: Gio.SimpleAction, value: GLib.Variant) -> None:

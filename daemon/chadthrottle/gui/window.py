@@ -157,6 +157,7 @@ class MainWindow(Adw.ApplicationWindow):
         box.append(self.toasts)
         self.set_content(box)
 
+        self.connect("close-request", self._on_close)
         client.on("state", self._on_state)
         client.on("stats", self._on_stats)
         client.on("live-mode", self._on_live_mode)
@@ -166,6 +167,13 @@ class MainWindow(Adw.ApplicationWindow):
         client.on("rules", self.limits_page.set_rules)
         client.on("permissions", self._on_permissions)
         self._on_state(client.state, client.detail)
+
+    def _on_close(self, _w: Gtk.Window) -> bool:
+        app = self.get_application()
+        if app is not None and app.hides_to_tray():
+            self.set_visible(False)
+            return True  # kept: the tray icon shows it again
+        return False
 
     # --- daemon state ------------------------------------------------------------------------
     def _on_state(self, state: str, detail: str) -> None:
