@@ -199,6 +199,20 @@ class Driver:
             time.sleep(0.1)
         return value
 
+    def cmd_type(self, name: str, text: str, timeout: float = TIMEOUT) -> str:
+        """Replace the text of a field, as typing would."""
+        entry = self.wait(f"an editable field named {name!r}", lambda: self.find(
+            lambda o: _name(o) == name and "EditableText" in pyatspi.listInterfaces(o)),
+            timeout)
+        entry.queryEditableText().setTextContents(text)
+        t = entry.queryText()
+        return t.getText(0, t.characterCount)
+
+    def cmd_sensitive(self, name: str, timeout: float = TIMEOUT) -> bool:
+        obj = self.wait(f"a widget named {name!r}", lambda: self.find(lambda o: _name(o) == name),
+                        timeout)
+        return obj.getState().contains(pyatspi.STATE_SENSITIVE)
+
     def cmd_wait_window_gone(self, prefix: str, timeout: float = TIMEOUT) -> bool:
         def gone() -> bool:
             return not any(_name(w).startswith(prefix) for w in self.windows())

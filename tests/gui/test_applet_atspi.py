@@ -95,6 +95,10 @@ def test_applet_limits_a_running_curl_through_the_editor(gui_deps, private_bus, 
             # click the curl row's limit button, pick the 1 MiB/s preset, apply
             title = driver.do("open_editor", curl.pid, applet=applet)
             assert title == f"Limit curl (PID {curl.pid})"
+            # a rate the CLI refuses is refused here too, with its words
+            driver.do("type", "Download limit rate", "10Mb", applet=applet)
+            driver.do("wait_name", "'10Mb' is ambiguous", applet=applet)
+            assert driver.do("sensitive", "Apply", applet=applet) is False
             driver.do("click", "Download 1 MiB/s", applet=applet)
             assert driver.do("entry_text", "Download limit rate", "1 MiB/s",
                              applet=applet) == "1 MiB/s"
@@ -125,6 +129,10 @@ def test_applet_limits_a_running_curl_through_the_editor(gui_deps, private_bus, 
             driver.do("click", "Limits and Rules", applet=applet)
             driver.do("wait_name", f"Limit of curl (PID {curl.pid})", applet=applet)
             driver.do("shot", "applet-limits", applet=applet)
+            # removed from the Limits tab: gone over the bus too
+            driver.do("click", f"Remove the limit of curl (PID {curl.pid})", applet=applet)
+            driver.do("wait_name", "No process is limited", applet=applet)
+            assert all(pid != curl.pid for pid, _, _ in list_limits(private_bus))
             assert applet.alive(), applet.output()[-3000:]
     finally:
         if driver is not None:

@@ -240,7 +240,7 @@ def test_the_applet_is_a_bus_client_only():
     """DESIGN §4 and issue 10: the applet imports nothing of the engine, the service or the
     server (nor the CLI's dbus-fast client): Gio is its only way to the daemon."""
     code = ("import sys, chadthrottle.gui.app, chadthrottle.gui.window, chadthrottle.gui.editor,"
-            " chadthrottle.gui.limits_page, chadthrottle.gui.snapshot; "
+            " chadthrottle.gui.limits_page, chadthrottle.gui.snapshot, chadthrottle.gui.tray; "
             "print(sorted(m for m in sys.modules if m.startswith(('chadthrottle', 'dbus'))))")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     env.pop("DISPLAY", None)
