@@ -51,9 +51,15 @@ def test_the_icon_renders():
 @pytest.mark.skipif(os.geteuid() != 0, reason="make install runs the system pip")
 def test_make_install_puts_the_applet_in_place(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    p = subprocess.run(["make", "-C", str(ROOT), "install", f"DESTDIR={tmp_path}",
-                        "PREFIX=/usr/local"], capture_output=True, text=True, env=env,
-                       timeout=300)
+    build_dir = ROOT / "build"  # pip builds in the tree: leave it as it was found
+    had_build_dir = build_dir.exists()
+    try:
+        p = subprocess.run(["make", "-C", str(ROOT), "install", f"DESTDIR={tmp_path}",
+                            "PREFIX=/usr/local"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    finally:
+        if not had_build_dir:
+            shutil.rmtree(build_dir, ignore_errors=True)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     share = tmp_path / "usr/local/share"
     assert (share / "applications" / f"{APP_ID}.desktop").read_bytes() == DESKTOP.read_bytes()
