@@ -120,7 +120,7 @@ class BaseRow(Gtk.ListBoxRow):
     def __init__(self, on_limit: Callable[[BaseRow], None]) -> None:
         super().__init__()
         self.set_activatable(True)
-        self._texts: dict[str, str] = {}
+        self._texts: dict[str, object] = {}
         box = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=SPACING)
         box.set_margin_top(5)
         box.set_margin_bottom(5)
@@ -187,6 +187,9 @@ class BaseRow(Gtk.ListBoxRow):
 
     def set_access(self, answer: str, reason: str) -> None:
         """GetPermissions' word for what this row's limit button leads to."""
+        if self._texts.get("access") == (answer, reason):
+            return
+        self._texts["access"] = (answer, reason)
         self.lock.set_visible(answer == "auth")
         self.limit_button.set_sensitive(answer != "no")
         self.limit_button.set_tooltip_text(reason or None)

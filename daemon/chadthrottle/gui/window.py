@@ -164,7 +164,7 @@ class MainWindow(Adw.ApplicationWindow):
         client.on("limit-changed", self._on_limit_changed)
         client.on("limit-removed", self._on_limit_removed)
         client.on("limits", self._on_limits)
-        client.on("rules", self.limits_page.set_rules)
+        client.on("rules", self._on_rules)
         client.on("permissions", self._on_permissions)
         self._on_state(client.state, client.detail)
 
@@ -241,6 +241,7 @@ class MainWindow(Adw.ApplicationWindow):
             [f"Total upload now {format_rate(self.model.total_upload)}"])
         for row in self.app_rows.values():
             row.update()
+            self._set_row_access(row)  # an application's options change with its processes
         for row in self.proc_rows.values():
             row.update()
         self._resort()
@@ -348,6 +349,10 @@ class MainWindow(Adw.ApplicationWindow):
         self.limits_page.set_limits(limits)
 
     # --- permissions -------------------------------------------------------------------------
+    def _on_rules(self, rules: list[dict] | None) -> None:
+        self.limits_page.set_rules(rules)
+        self._on_permissions(self.client.permissions)  # rules may have become (un)available
+
     def _on_permissions(self, _perms: dict[str, str] | None) -> None:
         for row in list(self.app_rows.values()) + list(self.proc_rows.values()):
             self._set_row_access(row)
