@@ -11,7 +11,8 @@ No GTK here, only GLib/Gio, so it runs in the applet and in a bare ``GLib.MainLo
   signals on the system bus) never reaches the window.
 * Live data without polling: ``Subscribe(1000)`` and the unicast ``Stats`` signal.  Only
   when the daemon does not know Subscribe (``UnknownMethod``) it falls back to calling
-  ``ListProcesses`` once a second.
+  ``ListProcesses`` once a second; any other refusal is reported and Subscribe is asked
+  again a few seconds later.
 * Mutating calls carry ``ALLOW_INTERACTIVE_AUTHORIZATION`` so a desktop polkit agent can ask
   for a password; they wait up to two minutes for it.
 
@@ -254,17 +255,28 @@ class ThrottleClient:
 
     # --- live data ----------------------------------------------------------------------------
     def _subscribe(self) -> None:
+        gen = self._generation
+
         def done(_r: Any, err: CallError | None) -> None:
             if err is None:
                 self.live_mode = "subscribed"
                 self._emit("live-mode", "subscribed")
-                return
-            # today's daemon: no Subscribe.  Anything else (access denied, a failing daemon)
-            # also leaves polling as the way to show data.
-            self.live_mode = "polling"
-            self._emit("live-mode", "polling")
-            self._poll()
-            self._poll_id = GLib.timeout_add(self.interval_ms, self._poll)
+            elif err.name == DBUS_UNKNOWN_METHOD:
+                # today's daemon: no Subscribe, so ListProcesses once a second
+                self.live_mode = "polling"
+                self._emit("live-mode", "polling")
+                self._poll()
+                self._poll_id = GLib.timeout_add(self.interval_ms, self._poll)
+            else:  # the daemon knows Subscribe but refused or failed: ask again later
+                self.live_mode = ""
+                self._emit("live-mode", f"error: {err}")
+                self._poll_id = GLib.timeout_add_seconds(RECONNECT_S, retry)
+
+        def retry() -> bool:
+            self._poll_id = 0
+            if gen == self._generation and self.owner is not None:
+                self._subscribe()
+            return GLib.SOURCE_REMOVE
 
         self._read(names.INTERFACE, "Subscribe", GLib.Variant("(u)", (self.interval_ms,)),
                    None, done)

@@ -202,10 +202,15 @@ class MainWindow(Adw.ApplicationWindow):
         self._forget_all()
 
     def _on_live_mode(self, mode: str) -> None:
-        self.live_label.set_label("live" if mode == "subscribed" else "polling every second")
-        self.live_label.set_tooltip_text(
-            "Statistics arrive as Stats signals (Subscribe)" if mode == "subscribed" else
-            "This daemon has no Subscribe: the applet asks ListProcesses once a second")
+        if mode == "subscribed":
+            label, tip = "live", "Statistics arrive as Stats signals (Subscribe)"
+        elif mode == "polling":
+            label = "polling every second"
+            tip = "This daemon has no Subscribe: the applet asks ListProcesses once a second"
+        else:
+            label, tip = "no live data", f"Subscribe failed ({mode}); trying again"
+        self.live_label.set_label(label)
+        self.live_label.set_tooltip_text(tip)
 
     def _copy_command(self, _b: Gtk.Button) -> None:
         self.get_clipboard().set(text.START_HINT)
