@@ -27,6 +27,10 @@ PYTEST_ARGS ?=
 
 APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 curl dbus polkitd pkexec \
                 libsystemd-dev pkg-config python3-venv iproute2 systemd zsh
+# the desktop applet (GTK 4 + libadwaita for the system's python3) and its headless tests
+APT_GUI_PACKAGES := python3-gi python3-gi-cairo gir1.2-gtk-4.0 gir1.2-adw-1 librsvg2-common \
+                    xvfb at-spi2-core python3-pyatspi gir1.2-atspi-2.0 libglib2.0-bin \
+                    desktop-file-utils fonts-dejavu-core
 
 .PHONY: all deps build run test bench install uninstall clean lint
 
@@ -42,7 +46,17 @@ $(VENV)/.apt-stamp:
 	fi
 	$(Q)mkdir -p $(VENV) && touch $@
 
-$(VENV)/.pip-stamp: pyproject.toml $(VENV)/.apt-stamp
+# only what is missing is installed (an installed package is never upgraded by this)
+$(VENV)/.apt-gui-stamp: $(VENV)/.apt-stamp
+	@echo "  APT   $(APT_GUI_PACKAGES)"
+	$(Q)missing=$$(for p in $(APT_GUI_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $$missing >/dev/null; \
+	fi
+	$(Q)touch $@
+
+$(VENV)/.pip-stamp: pyproject.toml $(VENV)/.apt-stamp $(VENV)/.apt-gui-stamp
 	@echo "  VENV  $(VENV)"
 	$(Q)[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(Q)$(PY) -m pip install -q --upgrade pip >/dev/null
@@ -88,11 +102,13 @@ lint: deps
 # from $(PREFIX): those files go to DBUS_DATADIR / POLKIT_ACTIONDIR.  The package is installed
 # with the distribution's python (its pip needs --break-system-packages on Debian, PEP 668;
 # the flag is passed when pip knows it).  Runtime deps: python3-dbus-fast python3-systemd
-# python3-rich python3-tomli-w, and pydantic 2 (or pip; Debian 12's python3-pydantic is 1.x).
+# python3-rich python3-tomli-w, and pydantic 2 (or pip; Debian 12's python3-pydantic is 1.x);
+# the applet (chadthrottle-gui): python3-gi python3-gi-cairo gir1.2-gtk-4.0 gir1.2-adw-1.
 INSTALL_PYTHON   ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,$(PYTHON))
 DBUS_DATADIR     ?= /usr/share/dbus-1
 POLKIT_ACTIONDIR ?= /usr/share/polkit-1/actions
 UNITDIR          ?= $(PREFIX)/lib/systemd/system
+DATADIR          ?= $(PREFIX)/share
 # Debian's python installs below <prefix>/local ("posix_local" scheme): hand it the parent of
 # a */local PREFIX, and the plain Debian layout (DEB_PYTHON_INSTALL_LAYOUT=deb) otherwise.
 PY_DEB_LOCAL      = $(shell $(INSTALL_PYTHON) -c 'import sysconfig; print(int("posix_local" in sysconfig.get_scheme_names()))' 2>/dev/null)
@@ -109,6 +125,8 @@ install: build
 	$(Q)install -Dm644 dbus/org.chadthrottle.Throttle1.service $(DESTDIR)$(DBUS_DATADIR)/system-services/org.chadthrottle.Throttle1.service
 	$(Q)install -Dm644 dbus/org.chadthrottle.Throttle1.xml $(DESTDIR)$(DBUS_DATADIR)/interfaces/org.chadthrottle.Throttle1.xml
 	$(Q)install -Dm644 dbus/org.chadthrottle.throttle.policy $(DESTDIR)$(POLKIT_ACTIONDIR)/org.chadthrottle.throttle.policy
+	$(Q)install -Dm644 packaging/org.chadthrottle.Gui.desktop $(DESTDIR)$(DATADIR)/applications/org.chadthrottle.Gui.desktop
+	$(Q)install -Dm644 packaging/org.chadthrottle.Gui.svg $(DESTDIR)$(DATADIR)/icons/hicolor/scalable/apps/org.chadthrottle.Gui.svg
 	@echo "  installed; now: systemctl daemon-reload; systemctl reload dbus; systemctl enable --now chadthrottled"
 
 clean:
