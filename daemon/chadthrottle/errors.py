@@ -29,3 +29,9 @@ class NotAuthorized(ChadthrottleError):
 
 class Unsupported(ChadthrottleError):
     """The kernel or the cgroup setup cannot serve; the message says what is missing."""
+
+
+class AuthorizationFailed(ChadthrottleError):
+    """The authority could not answer (polkit did not reply, the bus refused the call for
+    lack of resources, too many calls in flight): nothing was changed and the call may be
+    retried.  Never a denial — NotAuthorized means "asked, and the answer was no"."""

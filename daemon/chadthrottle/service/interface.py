@@ -296,32 +296,42 @@ class Gate:
                 ErrorType.INVALID_ARGS.value,
                 f"{member.name} takes ({member.in_sig}), got ({msg.signature})",
             )
+        if not member.mutating:
+            # reads are open: answered at once, no polkit or bus round trip (issue 7, 6)
+            reply = self._reply(msg, member)
+            return reply if wants_reply else True
         task = asyncio.get_running_loop().create_task(self._serve(msg, member, wants_reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _serve(self, msg: Message, member: Member, wants_reply: bool) -> None:
+    def _reply(self, msg: Message, member: Member) -> Message:
+        """Run the translation of an authorized call; the reply or the translated error."""
         try:
-            if member.mutating:
-                interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
-                if member.in_sig.startswith("u"):
-                    await self._auth.authorize_change(
-                        msg.sender, pid=int(msg.body[0]), interactive=interactive)
-                elif member.in_sig.startswith("s"):
-                    await self._auth.authorize_change(
-                        msg.sender, unit=str(msg.body[0]), interactive=interactive)
-                else:  # pragma: no cover - every mutating member names a target
-                    raise NotAuthorized("default deny")
-            else:
-                await self._auth.authorize_read(msg.sender)
             body = getattr(self._iface, "serve_" + member.name)(*msg.body)
-            reply = Message.new_method_return(msg, member.out_sig, body)
+            return Message.new_method_return(msg, member.out_sig, body)
         except Exception as exc:  # noqa: BLE001 - translated in the one place
             err = to_dbus_error(exc, member=member.name)
+            log.debug("%s from %s -> %s: %s", member.name, msg.sender, err.type, err.text)
+            return Message.new_error(msg, err.type, err.text)
+
+    async def _serve(self, msg: Message, member: Member, wants_reply: bool) -> None:
+        try:
+            interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+            if member.in_sig.startswith("u"):
+                await self._auth.authorize_change(
+                    msg.sender, pid=int(msg.body[0]), interactive=interactive)
+            elif member.in_sig.startswith("s"):
+                await self._auth.authorize_change(
+                    msg.sender, unit=str(msg.body[0]), interactive=interactive)
+            else:  # pragma: no cover - every mutating member names a target
+                raise NotAuthorized("default deny")
+        except Exception as exc:  # noqa: BLE001 - translated in the one place
+            err = to_dbus_error(exc, member=member.name)
+            log.debug("%s from %s -> %s: %s", member.name, msg.sender, err.type, err.text)
             reply = Message.new_error(msg, err.type, err.text)
-            log.debug("%s%s from %s -> %s: %s", member.name, tuple(msg.body), msg.sender,
-                    err.type, err.text)
+        else:
+            reply = self._reply(msg, member)
         if wants_reply:
             self._bus.send(reply)
 

@@ -1,0 +1,160 @@
+"""Issue 7, the bus gate under attack, with a real unprivileged user (created and removed
+here), a real dbus-daemon and a real polkitd:
+
+* 6 — a flood of calls from one user cannot make polkit say "no" to anyone: reads need no
+  polkit round trip, calls towards polkit are bounded, a polkit transport error is never a
+  denial, and the daemon's log is rate-limited;
+* 9 — huge unit names answer NoSuchUnit fast, with no traceback;
+* 10 — nobody but root may emit signals of our interface on the bus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    as_user,
+    env_with,
+    requires_root,
+    rules_allowing_own,
+    run_polkitd,
+    start_daemon,
+    stop_pid,
+)
+
+from chadthrottle import names
+
+pytestmark = requires_root
+
+HERE = Path(__file__).resolve().parent
+NOT_AUTHORIZED = names.ERR_NOT_AUTHORIZED
+
+
+@pytest.fixture
+def polkit_own_on_default_bus(default_limits_bus, user, another_user):
+    yield from run_polkitd(default_limits_bus, rules_allowing_own(user[0], another_user[0]))
+
+
+@pytest.fixture
+def daemon_on_default_bus(default_limits_bus, tmp_path):
+    d = start_daemon(default_limits_bus, tmp_path / "chadthrottled.log")
+    try:
+        yield d
+    finally:
+        rc = d.stop()
+        assert rc == 0, f"chadthrottled exited {rc} on SIGTERM:\n{d.log()[-4000:]}"
+
+
+def _warnings(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+
+
+def _flood_proc(address: str, uid: int, gid: int, own: int, other: int,
+                *args: str) -> subprocess.Popen:
+    return subprocess.Popen([*as_user(uid, gid), sys.executable, str(HERE / "flood_client.py"),
+                             address, str(own), str(other), *args],
+                            env=env_with(address), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        stop_pid(proc)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out)
+
+
+def _flood(address: str, uid: int, gid: int, own: int, other: int, *args: str) -> dict:
+    return _result(_flood_proc(address, uid, gid, own, other, *args))
+
+
+# --------------------------------------------------------------------------- 6. polkit flood
+def test_issue7_polkit_flood_reads_never_denied_and_own_limit_never_denied(
+        polkit_own_on_default_bus, daemon_on_default_bus, user, sleeper):
+    """On a bus with the distribution's default limits, one user keeps ~2,000 reads in
+    flight over 16 connections while making 18 legitimate SetLimit calls on their own
+    process: every read succeeds, no SetLimit is denied, and the log stays quiet."""
+    d = daemon_on_default_bus
+    _, uid, gid = user
+    own = sleeper(uid, gid)
+    other = sleeper()
+    r = _flood(d.address, uid, gid, own.pid, other.pid,
+               "--connections", "16", "--reads", "125", "--own-calls", "18")
+    print("flood:", r)
+    assert r["reads"] == {"ok": 2000}, r
+    assert r["own"] == {"ok": 18}, r
+    warnings = _warnings(d.log())
+    assert len(warnings) <= 10, "\n".join(warnings[:40])
+
+
+def test_issue7_polkit_flood_of_denied_changes_does_not_deny_others(
+        polkit_own_on_default_bus, daemon_on_default_bus, user, another_user, sleeper):
+    """One user floods polkit with 1,920 SetLimit calls on root's process (each one a
+    real polkit round trip that must end in "no") over 16 connections — far more than the
+    128 calls the daemon's own connection may have pending — while making 18 legitimate
+    SetLimit calls on their own process; meanwhile another user limits their own process.
+    Polkit is never asked more than the gate's bound at once, so it answers every call:
+    the hostile ones are NotAuthorized (polkit said no), every legitimate one succeeds,
+    the other user is not queued behind the flood, and denials are logged rate-limited."""
+    d = daemon_on_default_bus
+    _, uid, gid = user
+    _, uid2, gid2 = another_user
+    own = sleeper(uid, gid)
+    own2 = sleeper(uid2, gid2)
+    other = sleeper()
+    flood = _flood_proc(d.address, uid, gid, own.pid, other.pid,
+                        "--connections", "2", "--reads", "100",
+                        "--hostile-connections", "16", "--hostile", "120", "--own-calls", "18")
+    bystander = _flood_proc(d.address, uid2, gid2, own2.pid, other.pid,
+                            "--connections", "0", "--own-calls", "10", "--pause", "0.2")
+    r, r2 = _result(flood), _result(bystander)
+    print("flood:", r)
+    print("other user:", r2)
+    assert r["reads"] == {"ok": 200}, r
+    assert r["own"] == {"ok": 18}, r
+    assert r["hostile"] == {NOT_AUTHORIZED: 16 * 120}, r
+    assert r2["own"] == {"ok": 10}, r2
+    # polkit answers one check in a few ms; queued behind 1,920 of them it would be seconds
+    assert r2["own_max_seconds"] < 1.0, (r2, r["seconds"])
+    assert f"uint32 {other.pid}" not in d.call("ListLimits").text
+    log = d.log()
+    warnings = _warnings(log)
+    assert len(warnings) <= 10, "\n".join(warnings[:40])
+    denials = [line for line in log.splitlines() if "denied" in line]
+    assert 1 <= len(denials) <= 20, "\n".join(denials[:40])
+    assert "Traceback" not in log, log[-4000:]
+
+
+@pytest.mark.slow
+def test_issue7_polkit_flood_unanswered_polkit_is_failed_not_denied(
+        polkit_own_on_default_bus, daemon_on_default_bus, user, sleeper):
+    """A polkit that does not answer (stopped here with SIGSTOP, as a polkit drowning in
+    requests would be) makes the call fail with Failed after the gate's timeout — it is
+    not a denial; once polkit answers again, the same call succeeds."""
+    d = daemon_on_default_bus
+    _, uid, gid = user
+    own = sleeper(uid, gid)
+    polkitd = polkit_own_on_default_bus
+    os.kill(polkitd.pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        r = d.call("SetLimit", f"uint32:{own.pid}", "uint64:51200", "uint64:0",
+                   uid=uid, gid=gid)
+        waited = time.monotonic() - t
+    finally:
+        os.kill(polkitd.pid, signal.SIGCONT)
+    assert r.error == names.ERR_FAILED, r
+    assert "try again" in r.text, r
+    assert waited < 20, waited
+    assert d.call("SetLimit", f"uint32:{own.pid}", "uint64:51200", "uint64:0",
+                  uid=uid, gid=gid).ok
+    assert f"uint32 {own.pid}" in d.call("ListLimits").text
