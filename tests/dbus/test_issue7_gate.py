@@ -158,3 +158,57 @@ def test_issue7_polkit_flood_unanswered_polkit_is_failed_not_denied(
     assert d.call("SetLimit", f"uint32:{own.pid}", "uint64:51200", "uint64:0",
                   uid=uid, gid=gid).ok
     assert f"uint32 {own.pid}" in d.call("ListLimits").text
+
+
+# --------------------------------------------------------------------------- 9. huge names
+HUGE_NAMES_CLIENT = """
+import asyncio, json, sys, time
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+
+async def main(address, bus_name, path, iface):
+    bus = await MessageBus(bus_address=address).connect()
+    out = []
+    for member, sig, extra in (("SetUnitLimit", "stt", [51200, 0]),
+                               ("ClearUnitLimit", "s", [])):
+        for shape in ("a/", "x", "../", "./"):
+            for size in (40_000, 80_000, 160_000):
+                name = (shape * (size // len(shape)))[:size]
+                t = time.monotonic()
+                r = await asyncio.wait_for(bus.call(Message(
+                    destination=bus_name, path=path, interface=iface, member=member,
+                    signature=sig, body=[name, *extra])), 60)
+                out.append([member, shape, size, round(time.monotonic() - t, 4),
+                            r.error_name, len(r.body[0]) if r.body else 0])
+    print(json.dumps(out))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def _huge_names(address: str, prefix: list[str]) -> list:
+    p = subprocess.run([*prefix, sys.executable, "-c", HUGE_NAMES_CLIENT, address,
+                        names.BUS_NAME, names.OBJECT_PATH, names.INTERFACE],
+                       env=env_with(address), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+def test_issue7_huge_unit_names_answer_no_such_unit_fast(
+        polkit_own_on_default_bus, daemon_on_default_bus, user):
+    """40k, 80k and 160k-character unit names (many components, one huge component, '..'
+    chains, '.' chains) get NoSuchUnit in well under a second each, from root (through the
+    cgroup resolution) and from a user (before polkit is even asked), with a short message
+    and no traceback in the log."""
+    d = daemon_on_default_bus
+    _, uid, gid = user
+    for who, prefix in (("root", []), ("user", as_user(uid, gid))):
+        rows = _huge_names(d.address, prefix)
+        print(who, "slowest:", max(rows, key=lambda r: r[3]))
+        for member, shape, size, seconds, error, text_len in rows:
+            assert error == names.ERR_NO_SUCH_UNIT, (who, member, shape, size, error)
+            assert seconds < 1.0, (who, member, shape, size, seconds)
+            assert text_len < 400, (who, member, shape, size, text_len)
+    log = d.log()
+    assert "Traceback" not in log, log[-4000:]
+    assert d.alive()
