@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import (
+    ROOT,
     as_user,
     env_with,
     requires_root,
@@ -212,3 +215,113 @@ def test_issue7_huge_unit_names_answer_no_such_unit_fast(
     log = d.log()
     assert "Traceback" not in log, log[-4000:]
     assert d.alive()
+
+
+# --------------------------------------------------------------------------- 10. signals
+class Listener:
+    """tests/dbus/signal_listener.py as a real client (optionally as another user); the
+    signals it received, parsed; stopped by its pid."""
+
+    def __init__(self, address: str, *rules: str, prefix: list[str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-u", str(HERE / "signal_listener.py"), address,
+             *rules], env=env_with(address), stdout=subprocess.PIPE, text=True)
+        self.lines: list[dict] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+        deadline = time.monotonic() + 10
+        while not any("ready" in x or "error" in x for x in self.lines):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.lines
+            time.sleep(0.02)
+        assert "error" not in self.lines[0], self.lines
+        self.unique_name = self.lines[0]["ready"]
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+
+    def signals(self) -> list[dict]:
+        return [x for x in self.lines if "member" in x]
+
+    def wait_for(self, pred, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(pred(s) for s in self.signals()):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+
+
+def _emit(address: str, prefix: list[str], path: str, member: str, *args: str):
+    return subprocess.run([*prefix, "dbus-send", "--system", "--type=signal", path, member,
+                           *args], env=env_with(address), capture_output=True, text=True,
+                          timeout=10)
+
+
+def test_issue7_forged_signals_are_refused_by_the_bus(daemon, user, sleeper):
+    """An unprivileged user cannot emit LimitRemoved/LimitChanged (our interface) nor
+    PropertiesChanged for our object: a root listener whose match rules would accept them
+    from anyone never receives them, while root's own signals and the daemon's arrive."""
+    _, uid, gid = user
+    listener = Listener(
+        daemon.address,
+        f"type='signal',interface='{names.INTERFACE}'",
+        f"type='signal',interface='org.freedesktop.DBus.Properties',path='{names.OBJECT_PATH}'")
+    try:
+        forged = [
+            (names.OBJECT_PATH, f"{names.INTERFACE}.LimitRemoved", "uint32:4242",
+             "string:cleared"),
+            ("/", f"{names.INTERFACE}.LimitRemoved", "uint32:4243", "string:exited"),
+            (names.OBJECT_PATH, f"{names.INTERFACE}.LimitChanged", "uint32:4244",
+             "uint64:1024", "uint64:0"),
+            (names.OBJECT_PATH, "org.freedesktop.DBus.Properties.PropertiesChanged",
+             f"string:{names.INTERFACE}", "dict:string:string:Version,forged",
+             "array:string:"),
+        ]
+        for path, member, *args in forged:
+            r = _emit(daemon.address, as_user(uid, gid), path, member, *args)
+            print("forged", member, "->", r.returncode, r.stderr.strip())
+        # the control: root's signal of the same kind is delivered (the listener works)
+        assert _emit(daemon.address, [], names.OBJECT_PATH, f"{names.INTERFACE}.LimitRemoved",
+                     "uint32:4245", "string:cleared").returncode == 0
+        assert listener.wait_for(lambda s: s["body"] == [4245, "cleared"], 5), listener.lines
+        # and the daemon's own
+        p = sleeper()
+        assert daemon.call("SetLimit", f"uint32:{p.pid}", "uint64:51200", "uint64:0").ok
+        assert listener.wait_for(lambda s: s["member"] == "LimitChanged"
+                                 and s["body"][0] == p.pid, 5), listener.lines
+        assert daemon.call("ClearLimit", f"uint32:{p.pid}").ok
+        assert listener.wait_for(lambda s: s["body"] == [p.pid, "cleared"], 5), listener.lines
+        got = listener.signals()
+    finally:
+        listener.stop()
+    bodies = [s["body"] for s in got]
+    assert not any(b and b[0] in (4242, 4243, 4244) for b in bodies), got
+    assert not any(s["member"] == "PropertiesChanged" and "Version" in s["body"][1]
+                   for s in got), got
+
+
+def test_issue7_forged_signals_readme_monitor_line_matches_the_sender(daemon, sleeper):
+    """The README's dbus-monitor line (sender='org.chadthrottle.Throttle1') shows the
+    daemon's signals, and a match rule with that sender= does not take signals from
+    another connection (here root's, which the bus policy allows to send them)."""
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r'dbus-monitor --system "([^"]+)"', readme)
+    assert m, "README has no dbus-monitor line"
+    rule = m.group(1)
+    assert f"sender='{names.BUS_NAME}'" in rule, rule
+    listener = Listener(daemon.address, rule)
+    try:
+        assert _emit(daemon.address, [], names.OBJECT_PATH, f"{names.INTERFACE}.LimitRemoved",
+                     "uint32:4246", "string:cleared").returncode == 0
+        p = sleeper()
+        assert daemon.call("SetLimit", f"uint32:{p.pid}", "uint64:51200", "uint64:0").ok
+        assert daemon.call("ClearLimit", f"uint32:{p.pid}").ok
+        assert listener.wait_for(lambda s: s["body"] == [p.pid, "cleared"], 5), listener.lines
+        got = listener.signals()
+    finally:
+        listener.stop()
+    assert not any(s["body"] and s["body"][0] == 4246 for s in got), got
