@@ -18,12 +18,13 @@ from rich.live import Live
 
 from chadthrottle.cli.client import Client
 from chadthrottle.cli.render import top_table
+from chadthrottle.safetext import printable
 
 QUIT_KEYS = frozenset("qQ\x1b")  # q, Q, Esc
 
 
 def caption(version: str | None, count: int, interval: float, live: bool) -> str:
-    parts = [f"chadthrottled {version}" if version else "chadthrottled",
+    parts = [f"chadthrottled {printable(version)}" if version else "chadthrottled",
              f"{count} process{'es' if count != 1 else ''} with traffic"]
     if live:
         parts.append(f"every {interval:g} s · q to quit")
