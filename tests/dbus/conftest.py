@@ -8,6 +8,7 @@ importing the helpers (``Bus``, ``start_daemon``, ``dbus_send``).
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -16,13 +17,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 SRC = ROOT / "daemon"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
@@ -276,3 +279,44 @@ def run_polkitd(address: str, rules: str | None):
             rules_file.unlink(missing_ok=True)
         if installed_policy is not None:
             installed_policy.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- signals
+class Listener:
+    """tests/dbus/signal_listener.py as a real client (optionally as another user); the
+    signals it received, parsed; stopped by its pid."""
+
+    def __init__(self, address: str, *rules: str, prefix: list[str] | None = None,
+                 subscribe: int | None = None) -> None:
+        sub = ["--subscribe", str(subscribe)] if subscribe is not None else []
+        self.proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-u", str(HERE / "signal_listener.py"), address,
+             *sub, *rules], env=env_with(address), stdout=subprocess.PIPE, text=True)
+        self.lines: list[dict] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+        deadline = time.monotonic() + 10
+        while not any("ready" in x or "error" in x for x in self.lines):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.lines
+            time.sleep(0.02)
+        assert "error" not in self.lines[0], self.lines
+        self.unique_name = self.lines[0]["ready"]
+        self.subscribed = self.lines[0].get("subscribed")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+
+    def signals(self) -> list[dict]:
+        return [x for x in self.lines if "member" in x]
+
+    def wait_for(self, pred, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(pred(s) for s in self.signals()):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        stop_pid(self.proc)

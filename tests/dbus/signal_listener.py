@@ -1,17 +1,21 @@
 """A real bus client that adds match rules and prints every signal it receives.
 
-    signal_listener.py ADDRESS RULE [RULE ...]
+    signal_listener.py ADDRESS [--subscribe MS] RULE [RULE ...]
 
-Prints ``{"ready": unique_name}`` once the rules are in place, then one JSON object per
-signal: ``{"sender", "path", "interface", "member", "destination", "body"}``.  Runs until
-killed (by its pid).  Used for the forged-signal and unicast tests.
+Prints ``{"ready": unique_name}`` once the rules are in place (and, with ``--subscribe``,
+after its Subscribe(MS) call was answered: ``"subscribed"`` holds the answer), then one
+JSON object per signal: ``{"t", "sender", "path", "interface", "member", "destination",
+"body"}`` (t: monotonic seconds).  Runs until killed (by its pid).  Used for the
+forged-signal, unicast and subscriber tests.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
+import time
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -27,12 +31,12 @@ def plain(value):
     return value
 
 
-async def main(address: str, rules: list[str]) -> None:
+async def main(address: str, rules: list[str], subscribe: int | None) -> None:
     bus = await MessageBus(bus_address=address).connect()
 
     def on_message(msg: Message):
         if msg.message_type is MessageType.SIGNAL and msg.interface != "org.freedesktop.DBus":
-            print(json.dumps({"sender": msg.sender, "path": msg.path,
+            print(json.dumps({"t": time.monotonic(), "sender": msg.sender, "path": msg.path,
                               "interface": msg.interface, "member": msg.member,
                               "destination": msg.destination, "body": plain(msg.body)}),
                   flush=True)
@@ -46,9 +50,21 @@ async def main(address: str, rules: list[str]) -> None:
         if reply.message_type is MessageType.ERROR:
             print(json.dumps({"error": reply.error_name, "rule": rule}), flush=True)
             sys.exit(1)
-    print(json.dumps({"ready": bus.unique_name}), flush=True)
+    ready: dict = {"ready": bus.unique_name}
+    if subscribe is not None:
+        reply = await bus.call(Message(
+            destination="org.chadthrottle.Throttle1", path="/org/chadthrottle/Throttle1",
+            interface="org.chadthrottle.Throttle1", member="Subscribe", signature="u",
+            body=[subscribe]))
+        ready["subscribed"] = reply.error_name or "ok"
+    print(json.dumps(ready), flush=True)
     await bus.wait_for_disconnect()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2:]))
+    p = argparse.ArgumentParser()
+    p.add_argument("address")
+    p.add_argument("--subscribe", type=int, default=None, metavar="MS")
+    p.add_argument("rules", nargs="*")
+    a = p.parse_intermixed_args()
+    asyncio.run(main(a.address, a.rules, a.subscribe))

@@ -16,13 +16,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import (
     ROOT,
+    Listener,
     as_user,
     env_with,
     requires_root,
@@ -101,13 +101,14 @@ def test_issue7_polkit_flood_reads_never_denied_and_own_limit_never_denied(
 
 def test_issue7_polkit_flood_of_denied_changes_does_not_deny_others(
         polkit_own_on_default_bus, daemon_on_default_bus, user, another_user, sleeper):
-    """One user floods polkit with 1,920 SetLimit calls on root's process (each one a
-    real polkit round trip that must end in "no") over 16 connections — far more than the
-    128 calls the daemon's own connection may have pending — while making 18 legitimate
+    """One user floods polkit with 480 SetLimit calls on root's process (each one a real
+    polkit round trip that must end in "no") over 4 connections — far more than the 128
+    calls the daemon's own connection may have pending — while making 18 legitimate
     SetLimit calls on their own process; meanwhile another user limits their own process.
     Polkit is never asked more than the gate's bound at once, so it answers every call:
     the hostile ones are NotAuthorized (polkit said no), every legitimate one succeeds,
-    the other user is not queued behind the flood, and denials are logged rate-limited."""
+    the other user is not queued behind the flood (the flooder's own calls are), and
+    denials are logged rate-limited."""
     d = daemon_on_default_bus
     _, uid, gid = user
     _, uid2, gid2 = another_user
@@ -116,7 +117,7 @@ def test_issue7_polkit_flood_of_denied_changes_does_not_deny_others(
     other = sleeper()
     flood = _flood_proc(d.address, uid, gid, own.pid, other.pid,
                         "--connections", "2", "--reads", "100",
-                        "--hostile-connections", "16", "--hostile", "120", "--own-calls", "18")
+                        "--hostile-connections", "4", "--hostile", "120", "--own-calls", "18")
     bystander = _flood_proc(d.address, uid2, gid2, own2.pid, other.pid,
                             "--connections", "0", "--own-calls", "10", "--pause", "0.2")
     r, r2 = _result(flood), _result(bystander)
@@ -124,10 +125,10 @@ def test_issue7_polkit_flood_of_denied_changes_does_not_deny_others(
     print("other user:", r2)
     assert r["reads"] == {"ok": 200}, r
     assert r["own"] == {"ok": 18}, r
-    assert r["hostile"] == {NOT_AUTHORIZED: 16 * 120}, r
+    assert r["hostile"] == {NOT_AUTHORIZED: 4 * 120}, r
     assert r2["own"] == {"ok": 10}, r2
-    # polkit answers one check in a few ms; queued behind 1,920 of them it would be seconds
-    assert r2["own_max_seconds"] < 1.0, (r2, r["seconds"])
+    # the flooder's own calls wait behind their flood; the other user's do not
+    assert r2["own_max_seconds"] < r["own_max_seconds"] / 2, (r2, r)
     assert f"uint32 {other.pid}" not in d.call("ListLimits").text
     log = d.log()
     warnings = _warnings(log)
@@ -218,43 +219,6 @@ def test_issue7_huge_unit_names_answer_no_such_unit_fast(
 
 
 # --------------------------------------------------------------------------- 10. signals
-class Listener:
-    """tests/dbus/signal_listener.py as a real client (optionally as another user); the
-    signals it received, parsed; stopped by its pid."""
-
-    def __init__(self, address: str, *rules: str, prefix: list[str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-u", str(HERE / "signal_listener.py"), address,
-             *rules], env=env_with(address), stdout=subprocess.PIPE, text=True)
-        self.lines: list[dict] = []
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-        deadline = time.monotonic() + 10
-        while not any("ready" in x or "error" in x for x in self.lines):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.lines
-            time.sleep(0.02)
-        assert "error" not in self.lines[0], self.lines
-        self.unique_name = self.lines[0]["ready"]
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(json.loads(line))
-
-    def signals(self) -> list[dict]:
-        return [x for x in self.lines if "member" in x]
-
-    def wait_for(self, pred, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(pred(s) for s in self.signals()):
-                return True
-            time.sleep(0.05)
-        return False
-
-    def stop(self) -> None:
-        stop_pid(self.proc)
-
-
 def _emit(address: str, prefix: list[str], path: str, member: str, *args: str):
     return subprocess.run([*prefix, "dbus-send", "--system", "--type=signal", path, member,
                            *args], env=env_with(address), capture_output=True, text=True,
