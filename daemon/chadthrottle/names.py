@@ -17,6 +17,8 @@ ERR_INVALID_LIMIT = ERROR_PREFIX + "InvalidLimit"
 ERR_NOT_AUTHORIZED = ERROR_PREFIX + "NotAuthorized"
 ERR_UNSUPPORTED = ERROR_PREFIX + "Unsupported"
 ERR_FAILED = ERROR_PREFIX + "Failed"
+# the bus's standard name for "too many": too many Stats subscriptions of one user
+ERR_LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
 
 # LimitRemoved reasons
 REASON_CLEARED = "cleared"
@@ -26,6 +28,26 @@ REASON_EXITED = "exited"
 POLKIT_ACTION_LIMIT_OWN = "org.chadthrottle.throttle.limit-own"
 POLKIT_ACTION_LIMIT_ANY = "org.chadthrottle.throttle.limit-any"
 POLKIT_ACTION_READ = "org.chadthrottle.throttle.read"
+POLKIT_ACTION_MANAGE_RULES = "org.chadthrottle.throttle.manage-rules"
+#: every action, in the order GetPermissions reports them
+POLKIT_ACTIONS = (POLKIT_ACTION_LIMIT_OWN, POLKIT_ACTION_LIMIT_ANY, POLKIT_ACTION_READ,
+                  POLKIT_ACTION_MANAGE_RULES)
+
+# --- GetPermissions values ---
+PERMISSION_YES = "yes"
+PERMISSION_AUTH = "auth"  # allowed after authentication (a polkit agent asks)
+PERMISSION_NO = "no"
+
+# --- Subscribe: the Stats interval is clamped to this range (milliseconds) ---
+STATS_INTERVAL_MIN_MS = 250
+STATS_INTERVAL_MAX_MS = 10_000
+
+# --- the bus driver and polkit, as the daemon talks to them ---
+BUS_DRIVER = "org.freedesktop.DBus"
+BUS_DRIVER_PATH = "/org/freedesktop/DBus"
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
+POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
 
 # --- status values of GetStats "status" ---
 STATUS_THROTTLED = "throttled"

@@ -164,6 +164,12 @@ def test_gate_intercepts_calls_with_and_without_interface():
 
             raise NotAuthorized("no")
 
+        async def caller_uid(self, sender):
+            return 1000
+
+        async def permissions(self, sender):
+            return {names.POLKIT_ACTION_READ: "yes"}
+
     class Iface:  # the reads' translations: answered without any authorization
         def serve_GetStats(self, pid):
             return [{}]
@@ -173,6 +179,17 @@ def test_gate_intercepts_calls_with_and_without_interface():
 
         def serve_ListProcesses(self):
             return [[]]
+
+        def serve_Subscribe(self, sender, uid, interval_ms):
+            assert (sender, uid) == (":1.9", 1000)
+            return []
+
+        def serve_Unsubscribe(self, sender):
+            assert sender == ":1.9"
+            return []
+
+        def serve_GetPermissions(self, permissions):
+            return [permissions]
 
     class Bus:
         sent: list = []
@@ -190,13 +207,16 @@ def test_gate_intercepts_calls_with_and_without_interface():
                               interface=iface, member=m.name, signature=m.in_sig,
                               body=body[m.in_sig], serial=1, sender=":1.9")
                 r = gate(msg)
-                if m.mutating:
-                    assert r is True, (iface, m.name)
+                if m.mutating or m.caller in ("sender+uid", "permissions"):
+                    assert r is True, (iface, m.name)  # answered by a task
                 else:
                     assert r.message_type is MessageType.METHOD_RETURN, (iface, m.name, r)
         await gate.drain()
         mutating = [r for r in bus.sent if r.error_name == names.ERR_NOT_AUTHORIZED]
         assert len(mutating) == 2 * sum(m.mutating for m in MEMBERS.values())
+        callers = [r for r in bus.sent if r.message_type is MessageType.METHOD_RETURN]
+        assert len(callers) == 2 * sum(m.caller in ("sender+uid", "permissions")
+                                       for m in MEMBERS.values())
         wrong = Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
                         interface=None, member="SetLimit", signature="u", body=[5], serial=2,
                         sender=":1.9")

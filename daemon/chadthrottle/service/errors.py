@@ -26,6 +26,7 @@ ERROR_NAMES: dict[type[BaseException], str] = {
     errors.Unsupported: names.ERR_UNSUPPORTED,
     # the authority could not answer: a failure of this call (retry), not a denial
     errors.AuthorizationFailed: names.ERR_FAILED,
+    errors.LimitsExceeded: names.ERR_LIMITS_EXCEEDED,
 }
 
 FAILED_TEXT = "internal error; the traceback is in the daemon's journal"

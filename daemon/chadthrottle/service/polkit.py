@@ -40,10 +40,10 @@ from ..ratelimit import RateLimiter, log_limited
 
 log = logging.getLogger("chadthrottle.polkit")
 
-POLKIT_NAME = "org.freedesktop.PolicyKit1"
-POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
-POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
-BUS_DRIVER = "org.freedesktop.DBus"
+POLKIT_NAME = names.POLKIT_NAME
+POLKIT_PATH = names.POLKIT_PATH
+POLKIT_INTERFACE = names.POLKIT_INTERFACE
+BUS_DRIVER = names.BUS_DRIVER
 CHECK_ALLOW_USER_INTERACTION = 0x1
 
 _ERR = "org.freedesktop.DBus.Error."
@@ -217,7 +217,7 @@ class Authorizer:
 
     async def _lookup_uid(self, sender: str) -> int:
         reply = await self._call(Message(
-            destination=BUS_DRIVER, path="/org/freedesktop/DBus", interface=BUS_DRIVER,
+            destination=BUS_DRIVER, path=names.BUS_DRIVER_PATH, interface=BUS_DRIVER,
             member="GetConnectionUnixUser", signature="s", body=[sender]))
         if reply.message_type is MessageType.ERROR:
             if reply.error_name == _ERR + "NameHasNoOwner":
@@ -321,5 +321,39 @@ class Authorizer:
                 raise NotAuthorized(f"not authorized for {action}")
             return uid
 
+    async def permissions(self, sender: str | None) -> dict[str, str]:
+        """GetPermissions: for the calling user, each polkit action -> yes, auth or no.
+
+        Asked without interaction: authorized -> yes, a challenge (a password would do)
+        -> auth, else no.  Root: all yes.  ``read`` is always yes (reads are open and never
+        ask polkit).  Without polkit: all no for users (only root may change limits), read
+        yes.  When polkit does not answer: AuthorizationFailed (Failed), as for a change."""
+        if not sender:
+            raise NotAuthorized("the message has no sender")
+        with self._queued_for(sender):
+            uid = await self.caller_uid(sender)
+            if uid == 0:
+                return dict.fromkeys(names.POLKIT_ACTIONS, names.PERMISSION_YES)
+            out: dict[str, str] = {}
+            polkit_absent = False
+            for action in names.POLKIT_ACTIONS:
+                if action == names.POLKIT_ACTION_READ:
+                    out[action] = names.PERMISSION_YES
+                    continue
+                if polkit_absent:
+                    out[action] = names.PERMISSION_NO
+                    continue
+                try:
+                    answer = await self.check(sender, uid, action, {}, interactive=False)
+                except PolkitUnavailable:
+                    polkit_absent = True
+                    out[action] = names.PERMISSION_NO
+                    continue
+                out[action] = (names.PERMISSION_YES if answer.authorized else
+                               names.PERMISSION_AUTH if answer.challenge else
+                               names.PERMISSION_NO)
+            return out
+
     def forget(self, sender: str) -> None:
+        """``sender`` left the bus."""
         self._uids.pop(sender, None)
