@@ -140,7 +140,7 @@ class SkTag(ctypes.Structure):
         ("paced", c_uint32),
         ("clamp", c_uint32),
         ("cwnd", c_uint32),
-        ("_pad0", c_uint32),
+        ("rx", c_uint32),
     ]
 
 

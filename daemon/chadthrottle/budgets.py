@@ -83,6 +83,9 @@ class Budgets:
         self._next_bid = 1
         self.by_bid: dict[int, Budget] = {}
         self.by_root: dict[int, int] = {}  # root pid -> budget id
+        #: called with (budget id, download rate) when a budget's download rate changes or
+        #: the budget goes (rate 0): its download queue follows
+        self.listeners: list = []
 
     # -- ids -------------------------------------------------------------------------------
     def _allocate(self) -> int:
@@ -129,6 +132,8 @@ class Budgets:
             raise
         self.by_bid[b.bid] = b
         self._kernel.set_flag(abi.CFG_BUDGETS, True)
+        for fn in self.listeners:
+            fn(b.bid, b.download)
         return b
 
     def adopt(self, bid: int, *, rule: str, download: int, upload: int, burst_download: int,
@@ -138,6 +143,8 @@ class Budgets:
         if b is None:
             b = Budget(bid, download, upload, burst_download, burst_upload, ORIGIN_RULE, rule)
             self.by_bid[bid] = b
+            for fn in self.listeners:
+                fn(b.bid, b.download)
         return b
 
     @staticmethod
@@ -166,6 +173,8 @@ class Budgets:
                           self._cfg(b))
         self._kernel.bump_cfg_gen()
         self._pacer.repace()
+        for fn in self.listeners:
+            fn(b.bid, b.download)
         return True
 
     def delete(self, b: Budget, *, repace: bool = True) -> None:
@@ -183,6 +192,8 @@ class Budgets:
             self._kernel.set_flag(abi.CFG_BUDGETS, False)
         if repace:
             self._pacer.repace()
+        for fn in self.listeners:
+            fn(b.bid, 0)
 
     def read(self, bid: int) -> abi.Limit | None:
         v = abi.Limit()

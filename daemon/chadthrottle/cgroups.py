@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -123,6 +124,44 @@ def level(rel: str) -> int:
     return 0 if not r else r.count("/") + 1
 
 
+# ---- names of units and cgroups (bounded before anything else looks at them) ----------------
+
+#: the kernel's limits: a path (with its terminating NUL) and one path component, in bytes
+PATH_MAX = 4096
+NAME_MAX = 255
+SHOWN_CHARS = 80
+
+
+def shown(name: object) -> str:
+    """A name for an error message: its repr, cut to SHOWN_CHARS characters."""
+    if not isinstance(name, str):
+        return repr(name)
+    if len(name) <= SHOWN_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_CHARS]!r}… ({len(name)} characters)"
+
+
+def check_unit_name(unit_or_cgroup: object) -> str:
+    """The stripped name, or NoSuchUnit when no cgroup could ever have it: empty, a NUL, a
+    path longer than PATH_MAX or a component longer than NAME_MAX bytes.  Linear time."""
+    if not isinstance(unit_or_cgroup, str):
+        raise NoSuchUnit(f"no such unit or cgroup: {shown(unit_or_cgroup)}")
+    if len(unit_or_cgroup) >= PATH_MAX:  # every character is at least one byte
+        raise NoSuchUnit(f"no such unit or cgroup: {shown(unit_or_cgroup)} is longer than "
+                         f"PATH_MAX ({PATH_MAX} bytes)")
+    name = unit_or_cgroup.strip()
+    if not name or "\0" in name:
+        raise NoSuchUnit(f"no such unit or cgroup: {shown(unit_or_cgroup)}")
+    raw = name.encode("utf-8", "surrogatepass")
+    if len(raw) >= PATH_MAX:
+        raise NoSuchUnit(f"no such unit or cgroup: {shown(unit_or_cgroup)} is longer than "
+                         f"PATH_MAX ({PATH_MAX} bytes)")
+    if any(len(comp) > NAME_MAX for comp in raw.split(b"/")):
+        raise NoSuchUnit(f"no such unit or cgroup: {shown(unit_or_cgroup)} has a component "
+                         f"longer than NAME_MAX ({NAME_MAX} bytes)")
+    return name
+
+
 # ---- the live system ------------------------------------------------------------------------
 
 class Cgroups:
@@ -147,23 +186,43 @@ class Cgroups:
         """The kernel's cgroup id: the inode number of the cgroup2 directory."""
         return os.stat(self.abspath(rel)).st_ino
 
+    def _is_cgroup(self, rel: str) -> bool:
+        """True when ``rel`` (already normalized, no '..') is a directory of the cgroup2
+        file system itself (the same device as the mount: never another mount below it)."""
+        try:
+            root = os.stat(self.root)
+            st = os.stat(self.abspath(rel), follow_symlinks=False)
+        except (OSError, ValueError):  # ENAMETOOLONG, ELOOP, EACCES, ...: not a cgroup
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_dev == root.st_dev
+
     def resolve(self, unit_or_cgroup: str) -> str:
         """A systemd unit name ('firefox.scope', 'foo.service') or a path relative to the
-        cgroup2 mount -> the relative path of an existing cgroup.  Never escapes the mount."""
-        name = unit_or_cgroup.strip()
-        if not name or "\0" in name:
-            raise NoSuchUnit(f"no such unit or cgroup: {unit_or_cgroup!r}")
+        cgroup2 mount -> the relative path of an existing cgroup.  Never escapes the mount.
+
+        Linear in the length of the name, which is bounded first (PATH_MAX, NAME_MAX):
+        '..' is resolved lexically (cgroupfs has no symlinks) and any '..' above the mount
+        is refused; the result is one stat() of a directory on the cgroup2 device."""
+        name = check_unit_name(unit_or_cgroup)
         if "/" in name:
-            full = Path(os.path.realpath(self.root / name.lstrip("/")))
-            root = Path(os.path.realpath(self.root))
-            if full != root and root not in full.parents:
-                raise NoSuchUnit(f"{unit_or_cgroup!r} is outside the cgroup2 mount {self.root}")
-            if not full.is_dir():
-                raise NoSuchUnit(f"no such cgroup: {unit_or_cgroup!r}")
-            return norm(str(full.relative_to(root)))
+            parts: list[str] = []
+            for comp in name.split("/"):
+                if comp in ("", "."):
+                    continue
+                if comp == "..":
+                    if not parts:
+                        raise NoSuchUnit(f"{shown(unit_or_cgroup)} is outside the cgroup2 "
+                                         f"mount {self.root}")
+                    parts.pop()
+                    continue
+                parts.append(comp)
+            rel = "/".join(parts)
+            if not self._is_cgroup(rel):
+                raise NoSuchUnit(f"no such cgroup: {shown(unit_or_cgroup)}")
+            return rel
         if name in (".", ".."):
-            raise NoSuchUnit(f"no such unit or cgroup: {unit_or_cgroup!r}")
-        if (self.root / name).is_dir():
+            raise NoSuchUnit(f"no such unit or cgroup: {shown(unit_or_cgroup)}")
+        if self._is_cgroup(name):
             return name
         # breadth-first: unit cgroups sit a few levels down (user.slice/.../app.slice/x.scope)
         frontier = [self.root]
@@ -181,7 +240,7 @@ class Cgroups:
             frontier = nxt
             if not frontier:
                 break
-        raise NoSuchUnit(f"no unit or cgroup named {unit_or_cgroup!r} below {self.root}")
+        raise NoSuchUnit(f"no unit or cgroup named {shown(unit_or_cgroup)} below {self.root}")
 
 
 CT_SEARCH_DEPTH = 8

@@ -29,7 +29,8 @@ from .kernel import Kernel
 from .kmatch import ExecMatcher, KernelRule
 from .sampler import RATE_WINDOW, Sampler
 from .shaping.pacing import Pacer
-from .text import safe
+from .shaping.queues import Queues
+from .safetext import printable as safe
 from .unitlimits import UnitLimit, UnitLimits
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,16 @@ NOTICE_FULL = "full"            # a map was full (detail says which)
 class Engine:
     def __init__(self, *, object_path: str | Path | None = None,
                  cgroup_root: str | Path | None = None, monitor_root: bool = False,
-                 pace_local_peers: bool = True):
+                 pace_local_peers: bool = True, queues: bool = True):
+        """pace_local_peers: pace the sender of a limited connection when it is a socket on
+        this host (exact, lossless); queues: queue remote senders' packets of limited sockets
+        (ifb + htb devices the engine owns) instead of leaving them to the backstop."""
         self._object_path = object_path
         self._cgroup_root = cgroup_root
         self.monitor_root = monitor_root
         self.pace_local_peers = pace_local_peers
+        self.use_queues = queues
+        self.queues: Queues | None = None
         self.kernel: Kernel | None = None
         self.cg: cgroups.Cgroups | None = None
 
@@ -138,6 +144,14 @@ class Engine:
             self.units = UnitLimits(kernel, self.cg, self.attachments, self.watches, self.pacer)
             self.matcher = ExecMatcher(kernel)
             self.sampler = Sampler(kernel, self.budgets)
+            queues = Queues(kernel)
+            queues.cleanup_leftovers()  # what a crashed run left never keeps limiting
+            if self.use_queues:
+                self.queues = queues
+                self.budgets.listeners.append(lambda bid, rate: queues.changed(bid, False, rate))
+                self.units.listeners.append(lambda cid, rate: queues.changed(cid, True, rate))
+            else:
+                queues.close()
             self.attachments.open(monitor_root=self.monitor_root)
         except Exception:
             self.close()
@@ -146,7 +160,14 @@ class Engine:
         return self
 
     def close(self) -> None:
-        """Detach every program and free the object: every limit ends with it."""
+        """Detach every program, remove every device and qdisc the engine added, free the
+        object: every limit ends with it."""
+        if self.queues is not None:
+            try:
+                self.queues.close()
+            except Exception:
+                log.exception("removing the download queues failed")
+            self.queues = None
         if self.kernel:
             kernel, self.kernel = self.kernel, None
             if self.pacer and self.budgets and len(self.budgets):
@@ -460,11 +481,18 @@ class Engine:
         return False
 
     def on_class_needed(self, key: int, unit: bool) -> None:
-        """A remote download of a limit arrived with no queue for it yet (shaping.queues
-        installs one when the daemon runs the queue part)."""
-        queues = getattr(self, "queues", None)
-        if queues is not None:
-            queues.class_needed(key, unit)
+        """A remote download of a limit arrived with no queue for it yet."""
+        if self.queues is None:
+            return
+        if unit:
+            rate = next((u.download for u in self.units.list() if u.cgroup_id == key), 0)
+        else:
+            b = self.budgets.by_bid.get(key)
+            rate = b.download if b is not None else 0
+        try:
+            self.queues.class_needed(key, unit, rate)
+        except Exception:
+            log.exception("cannot add a download queue for limit %d", key)
 
     def _root_exited(self, ev: abi.Event, out: list[Notice]) -> None:
         b = self.budgets.by_bid.get(ev.budget)

@@ -45,3 +45,12 @@ class InvalidRule(ChadthrottleError):
 
 class NoSuchRule(ChadthrottleError):
     """Removing (or naming) a rule id that does not exist."""
+
+class AuthorizationFailed(ChadthrottleError):
+    """The authority could not answer (polkit did not reply, the bus refused the call for
+    lack of resources, too many calls in flight): nothing was changed and the call may be
+    retried.  Never a denial — NotAuthorized means "asked, and the answer was no"."""
+
+
+class LimitsExceeded(ChadthrottleError):
+    """A per-caller quota is used up (e.g. Stats subscriptions of one user)."""

@@ -20,6 +20,9 @@ ERR_FAILED = ERROR_PREFIX + "Failed"
 ERR_INVALID_RULE = ERROR_PREFIX + "InvalidRule"
 ERR_NO_SUCH_RULE = ERROR_PREFIX + "NoSuchRule"
 
+# the bus's standard name for "too many": too many Stats subscriptions of one user
+ERR_LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
+
 # LimitRemoved reasons
 REASON_CLEARED = "cleared"
 REASON_EXITED = "exited"
@@ -49,6 +52,26 @@ RULE_LIST_SIGNATURES: dict[str, str] = {"id": "s", "matched": "u"}
 RULE_MATCH_KEYS: tuple[str, ...] = ("exe", "comm", "cmdline", "uid", "unit")
 SCOPE_PROCESS = "process"
 SCOPE_APPLICATION = "application"
+
+#: every action, in the order GetPermissions reports them
+POLKIT_ACTIONS = (POLKIT_ACTION_LIMIT_OWN, POLKIT_ACTION_LIMIT_ANY, POLKIT_ACTION_READ,
+                  POLKIT_ACTION_MANAGE_RULES)
+
+# --- GetPermissions values ---
+PERMISSION_YES = "yes"
+PERMISSION_AUTH = "auth"  # allowed after authentication (a polkit agent asks)
+PERMISSION_NO = "no"
+
+# --- Subscribe: the Stats interval is clamped to this range (milliseconds) ---
+STATS_INTERVAL_MIN_MS = 250
+STATS_INTERVAL_MAX_MS = 10_000
+
+# --- the bus driver and polkit, as the daemon talks to them ---
+BUS_DRIVER = "org.freedesktop.DBus"
+BUS_DRIVER_PATH = "/org/freedesktop/DBus"
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
+POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
 
 # --- status values of GetStats "status" ---
 STATUS_THROTTLED = "throttled"

@@ -49,6 +49,9 @@ class UnitLimits:
         self._watches = watches
         self._pacer = pacer
         self._units: dict[str, _Unit] = {}
+        #: called with (cgroup id, download rate) when a unit's download rate changes or it
+        #: goes (rate 0)
+        self.listeners: list = []
 
     def set(self, unit_or_cgroup: str, download: int, upload: int) -> UnitLimit | None:
         check_rate(download, "download")
@@ -72,6 +75,8 @@ class UnitLimits:
             self._write_cfg(u)
             self._kernel.bump_cfg_gen()
             self._pacer.repace()
+            for fn in self.listeners:
+                fn(u.cgroup_id, download)
         else:
             if u is None and len(self._units) >= abi.MAX_UNITS:
                 raise InvalidLimit(f"too many unit limits (at most {abi.MAX_UNITS})")
@@ -132,6 +137,8 @@ class UnitLimits:
                           self._cfg(u))
 
     def _create(self, u: _Unit) -> None:
+        for fn in self.listeners:
+            fn(u.cgroup_id, u.download)
         cfg = self._cfg(u)
         lim = abi.Limit()
         now = time.monotonic_ns()
@@ -149,6 +156,8 @@ class UnitLimits:
     def _remove(self, u: _Unit) -> None:
         if not u.cgroup_id:
             return
+        for fn in self.listeners:
+            fn(u.cgroup_id, 0)
         key = ctypes.c_uint64(u.cgroup_id)
         libbpf.map_delete(self._kernel.fd(names.MAP_UNIT_LIMITS), key)
         libbpf.map_delete(self._kernel.fd(names.MAP_UNIT_CFG), key)

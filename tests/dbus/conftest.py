@@ -8,19 +8,24 @@ importing the helpers (``Bus``, ``start_daemon``, ``dbus_send``).
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import re
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 SRC = ROOT / "daemon"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
@@ -31,6 +36,11 @@ from chadthrottle.server.devrun import PrivateBus  # noqa: E402
 
 BPF_OBJECT = SRC / "chadthrottle" / "data" / names.BPF_OBJECT_FILE
 DAEMON_STOP_TIMEOUT = 15.0
+POLKITD = Path("/usr/lib/polkit-1/polkitd")
+POLKIT_ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
+POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
+POLKIT_POLICY = ROOT / "dbus" / "org.chadthrottle.throttle.policy"
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, cgroups, users)")
 requires_bpf_object = pytest.mark.skipif(
@@ -135,16 +145,7 @@ def system_bus():
 
     The socket is world-connectable (tests connect as an unprivileged user and polkitd).
     """
-    if shutil.which("dbus-daemon") is None:
-        pytest.skip("dbus-daemon is not installed")
-    d = tempfile.mkdtemp(prefix="chadthrottle-bus-")
-    os.chmod(d, 0o755)
-    bus = PrivateBus(d, policy_dir=ROOT / "dbus")
-    try:
-        yield bus.start()
-    finally:
-        bus.stop()  # by pid; removes the directory
-        shutil.rmtree(d, ignore_errors=True)
+    yield from _private_bus(default_limits=False)
 
 
 @pytest.fixture
@@ -181,3 +182,141 @@ def sleeper():
     finally:
         for p in procs:
             stop_pid(p)
+
+
+def _private_bus(default_limits: bool):
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon is not installed")
+    d = tempfile.mkdtemp(prefix="chadthrottle-bus-")
+    os.chmod(d, 0o755)
+    bus = PrivateBus(d, policy_dir=ROOT / "dbus", default_limits=default_limits)
+    try:
+        yield bus.start()
+    finally:
+        bus.stop()  # by pid; removes the directory
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def default_limits_bus():
+    """A private bus with dbus-daemon's built-in limits (128 pending replies per
+    connection, 256 connections per user), as a distribution's system bus has; its address.
+    The session's ``system_bus`` raises them for benchmarks, which hides limit bugs."""
+    yield from _private_bus(default_limits=True)
+
+
+# --------------------------------------------------------------------------- users, polkit
+def _throwaway_user():
+    name = "ctt" + secrets.token_hex(4)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    "--user-group", name], check=True, capture_output=True)
+    try:
+        pw = pwd.getpwnam(name)
+        yield name, pw.pw_uid, pw.pw_gid
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def user():
+    """A fresh system user without home or shell; (name, uid, gid); removed afterwards."""
+    yield from _throwaway_user()
+
+
+@pytest.fixture
+def another_user():
+    """A second fresh system user, like ``user``."""
+    yield from _throwaway_user()
+
+
+def as_user(uid: int, gid: int | None = None) -> list[str]:
+    """The command prefix that runs a command as ``uid`` (no supplementary groups)."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid if gid is not None else uid}",
+            "--clear-groups"]
+
+
+def rules_allowing_own(*user_names: str) -> str:
+    """polkit rules: these users may limit their own processes (limit-own), nothing more."""
+    return "".join(f"""
+polkit.addRule(function(action, subject) {{
+    if (action.id == "{names.POLKIT_ACTION_LIMIT_OWN}" && subject.user == "{name}")
+        return polkit.Result.YES;
+}});
+""" for name in user_names)
+
+
+def run_polkitd(address: str, rules: str | None):
+    """Generator for fixtures: the real polkitd on the private bus ``address`` with our
+    action file (and optional rules), stopped by pid; files it installed are removed."""
+    if not POLKITD.exists():
+        pytest.skip("polkitd is not installed")
+    installed_policy = None
+    rules_file = None
+    proc = None
+    try:
+        target = POLKIT_ACTIONS_DIR / POLKIT_POLICY.name
+        if not target.exists():
+            shutil.copyfile(POLKIT_POLICY, target)
+            installed_policy = target
+        if rules is not None:
+            rules_file = POLKIT_RULES_DIR / f"10-chadthrottle-test-{secrets.token_hex(4)}.rules"
+            rules_file.write_text(rules)
+            shutil.chown(rules_file, "polkitd", "root")
+            rules_file.chmod(0o644)
+        proc = subprocess.Popen([str(POLKITD), "--no-debug"], env=env_with(address),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 15
+        while not name_has_owner(address, POLKIT_NAME):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read() if proc.poll() is not None else ""
+                pytest.fail(f"polkitd did not come up on the private bus: {err}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc is not None:
+            stop_pid(proc)
+        if rules_file is not None:
+            rules_file.unlink(missing_ok=True)
+        if installed_policy is not None:
+            installed_policy.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- signals
+class Listener:
+    """tests/dbus/signal_listener.py as a real client (optionally as another user); the
+    signals it received, parsed; stopped by its pid."""
+
+    def __init__(self, address: str, *rules: str, prefix: list[str] | None = None,
+                 subscribe: int | None = None) -> None:
+        sub = ["--subscribe", str(subscribe)] if subscribe is not None else []
+        self.proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-u", str(HERE / "signal_listener.py"), address,
+             *sub, *rules], env=env_with(address), stdout=subprocess.PIPE, text=True)
+        self.lines: list[dict] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+        deadline = time.monotonic() + 10
+        while not any("ready" in x or "error" in x for x in self.lines):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.lines
+            time.sleep(0.02)
+        assert "error" not in self.lines[0], self.lines
+        self.unique_name = self.lines[0]["ready"]
+        self.subscribed = self.lines[0].get("subscribed")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+
+    def signals(self) -> list[dict]:
+        return [x for x in self.lines if "member" in x]
+
+    def wait_for(self, pred, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(pred(s) for s in self.signals()):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        stop_pid(self.proc)

@@ -6,91 +6,33 @@ process needs limit-any; reads are open; without polkit only uid 0 may change li
 from __future__ import annotations
 
 import os
-import pwd
-import secrets
-import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, env_with, name_has_owner, requires_root, stop_pid
+from conftest import (
+    env_with,
+    name_has_owner,
+    requires_root,
+    rules_allowing_own,
+    run_polkitd,
+)
 
 from chadthrottle import names
 
 pytestmark = requires_root
 
-POLKITD = Path("/usr/lib/polkit-1/polkitd")
-ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
-RULES_DIR = Path("/etc/polkit-1/rules.d")
-POLICY = ROOT / "dbus" / "org.chadthrottle.throttle.policy"
 NOT_AUTHORIZED = names.ERR_NOT_AUTHORIZED
 
 
 @pytest.fixture
-def user():
-    """A fresh system user without home or shell; (name, uid, gid); removed afterwards."""
-    name = "ctt" + secrets.token_hex(4)
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    "--user-group", name], check=True, capture_output=True)
-    try:
-        pw = pwd.getpwnam(name)
-        yield name, pw.pw_uid, pw.pw_gid
-    finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
-
-
-def _polkitd(address: str, rules: str | None):
-    """Run polkitd on the private bus with our action file (and optional rules)."""
-    if not POLKITD.exists():
-        pytest.skip("polkitd is not installed")
-    installed_policy = None
-    rules_file = None
-    proc = None
-    try:
-        target = ACTIONS_DIR / POLICY.name
-        if not target.exists():
-            shutil.copyfile(POLICY, target)
-            installed_policy = target
-        if rules is not None:
-            rules_file = RULES_DIR / f"10-chadthrottle-test-{secrets.token_hex(4)}.rules"
-            rules_file.write_text(rules)
-            shutil.chown(rules_file, "polkitd", "root")
-            rules_file.chmod(0o644)
-        proc = subprocess.Popen([str(POLKITD), "--no-debug"], env=env_with(address),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 15
-        while not name_has_owner(address, "org.freedesktop.PolicyKit1"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read() if proc.poll() is not None else ""
-                pytest.fail(f"polkitd did not come up on the private bus: {err}")
-            time.sleep(0.05)
-        yield proc
-    finally:
-        if proc is not None:
-            stop_pid(proc)
-        if rules_file is not None:
-            rules_file.unlink(missing_ok=True)
-        if installed_policy is not None:
-            installed_policy.unlink(missing_ok=True)
-
-
-@pytest.fixture
 def polkit_allowing_own(system_bus, user):
-    name = user[0]
-    rules = f"""
-polkit.addRule(function(action, subject) {{
-    if (action.id == "{names.POLKIT_ACTION_LIMIT_OWN}" && subject.user == "{name}")
-        return polkit.Result.YES;
-}});
-"""
-    yield from _polkitd(system_bus, rules)
+    yield from run_polkitd(system_bus, rules_allowing_own(user[0]))
 
 
 @pytest.fixture
 def polkit_defaults(system_bus):
-    yield from _polkitd(system_bus, None)
+    yield from run_polkitd(system_bus, None)
 
 
 def _limits(daemon) -> str:
@@ -207,7 +149,8 @@ def test_call_without_interface_field_is_gated_too(daemon, user, sleeper):
 def test_gate_intercepts_calls_with_and_without_interface():
     """Unit test of the dispatcher (the bus policy above already refuses interface-less
     calls; the gate must not rely on it): every member of ours is intercepted, with or
-    without the interface field; wrong signatures get InvalidArgs; the rest is left to
+    without the interface field; mutating calls are authorized, reads are answered at once
+    without asking (issue 7, item 6); wrong signatures get InvalidArgs; the rest is left to
     the library."""
     import asyncio
 
@@ -221,8 +164,32 @@ def test_gate_intercepts_calls_with_and_without_interface():
 
             raise NotAuthorized("no")
 
-        async def authorize_read(self, sender):
-            return 0
+        async def caller_uid(self, sender):
+            return 1000
+
+        async def permissions(self, sender):
+            return {names.POLKIT_ACTION_READ: "yes"}
+
+    class Iface:  # the reads' translations: answered without any authorization
+        def serve_GetStats(self, pid):
+            return [{}]
+
+        def serve_ListLimits(self):
+            return [[]]
+
+        def serve_ListProcesses(self):
+            return [[]]
+
+        def serve_Subscribe(self, sender, uid, interval_ms):
+            assert (sender, uid) == (":1.9", 1000)
+            return []
+
+        def serve_Unsubscribe(self, sender):
+            assert sender == ":1.9"
+            return []
+
+        def serve_GetPermissions(self, permissions):
+            return [permissions]
 
     class Bus:
         sent: list = []
@@ -232,17 +199,24 @@ def test_gate_intercepts_calls_with_and_without_interface():
 
     async def run():
         bus = Bus()
-        gate = Gate(bus, object(), Auth())
+        gate = Gate(bus, Iface(), Auth())
         for iface in (names.INTERFACE, None):
             for m in MEMBERS.values():
                 body = {"u": [5], "utt": [5, 0, 0], "s": ["x"], "stt": ["x", 0, 0], "": []}
                 msg = Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
                               interface=iface, member=m.name, signature=m.in_sig,
                               body=body[m.in_sig], serial=1, sender=":1.9")
-                assert gate(msg) is True, (iface, m.name)
+                r = gate(msg)
+                if m.mutating or m.caller in ("sender+uid", "permissions"):
+                    assert r is True, (iface, m.name)  # answered by a task
+                else:
+                    assert r.message_type is MessageType.METHOD_RETURN, (iface, m.name, r)
         await gate.drain()
         mutating = [r for r in bus.sent if r.error_name == names.ERR_NOT_AUTHORIZED]
         assert len(mutating) == 2 * sum(m.mutating for m in MEMBERS.values())
+        callers = [r for r in bus.sent if r.message_type is MessageType.METHOD_RETURN]
+        assert len(callers) == 2 * sum(m.caller in ("sender+uid", "permissions")
+                                       for m in MEMBERS.values())
         wrong = Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
                         interface=None, member="SetLimit", signature="u", body=[5], serial=2,
                         sender=":1.9")

@@ -63,10 +63,13 @@ def test_contract_xml_matches_the_design_table():
         "SetLimit": ("utt", ""), "ClearLimit": ("u", ""), "GetStats": ("u", "a{sv}"),
         "ListLimits": ("", "a(utt)"), "SetUnitLimit": ("stt", ""),
         "ClearUnitLimit": ("s", ""), "ListProcesses": ("", "aa{sv}"),
+        # DESIGN §2b (issue 10)
+        "Subscribe": ("u", ""), "Unsubscribe": ("", ""), "GetPermissions": ("", "a{ss}"),
     }
     assert {s[0]: "".join(a[1] for a in s[1]) for s in shape["signals"]} == {
-        "LimitChanged": "utt", "LimitRemoved": "us"}
-    assert shape["properties"] == [("AttachedCgroups", "as", "read"), ("Version", "s", "read")]
+        "LimitChanged": "utt", "LimitRemoved": "us", "Stats": "taa{sv}"}
+    assert shape["properties"] == [("AttachedCgroups", "as", "read"), ("Limits", "a(utt)", "read"),
+                                   ("Version", "s", "read")]
 
 
 def test_properties(daemon, sleeper):
@@ -212,4 +215,7 @@ def test_polkit_policy_declares_the_actions():
     assert actions[names.POLKIT_ACTION_LIMIT_OWN]["allow_active"] == "yes"
     assert actions[names.POLKIT_ACTION_LIMIT_ANY]["allow_active"] == "auth_admin_keep"
     assert actions[names.POLKIT_ACTION_READ]["allow_active"] == "yes"
+    assert actions[names.POLKIT_ACTION_MANAGE_RULES] == dict.fromkeys(
+        ("allow_any", "allow_inactive", "allow_active"), "auth_admin_keep")
+    assert set(actions) == set(names.POLKIT_ACTIONS)
     assert not any(p.suffix == ".py" for p in (ROOT / "dbus").iterdir())

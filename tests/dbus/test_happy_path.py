@@ -24,7 +24,8 @@ class Monitor:
 
     def __init__(self, address: str) -> None:
         self.proc = subprocess.Popen(
-            ["dbus-monitor", "--system", f"type='signal',interface='{names.INTERFACE}'"],
+            ["dbus-monitor", "--system",
+             f"type='signal',sender='{names.BUS_NAME}',interface='{names.INTERFACE}'"],
             env=env_with(address), stdout=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._t = threading.Thread(target=self._read, daemon=True)

@@ -106,3 +106,38 @@ def test_resolve_never_escapes(tmp_path):
                 "a.slice/nope"]:
         with pytest.raises(NoSuchUnit):
             cg.resolve(bad)
+
+
+@pytest.mark.parametrize("size", [40_000, 80_000, 160_000])
+@pytest.mark.parametrize("shape", ["a/", "x", "../", "a/../", "./"])
+def test_issue7_huge_unit_names_are_refused_in_linear_time(tmp_path, shape, size):
+    """Names longer than PATH_MAX (or with a component longer than NAME_MAX) are NoSuchUnit
+    at once: no quadratic path walk, no OSError (ENAMETOOLONG) turning into Failed."""
+    import time
+
+    from chadthrottle.errors import NoSuchUnit
+    cg = cgroups.Cgroups(tmp_path)
+    name = (shape * (size // len(shape)))[:size]
+    t = time.monotonic()
+    with pytest.raises(NoSuchUnit) as e:
+        cg.resolve(name)
+    assert time.monotonic() - t < 0.1
+    assert len(str(e.value)) < 400  # the message does not echo the whole name
+
+
+def test_issue7_huge_unit_names_bounds(tmp_path):
+    from chadthrottle.errors import NoSuchUnit
+    (tmp_path / ("n" * 255)).mkdir()
+    cg = cgroups.Cgroups(tmp_path)
+    assert cg.resolve("n" * 255) == "n" * 255
+    for bad in ["n" * 256, "a/" + "n" * 256, "é" * 128 + "/x",  # 256 bytes in one component
+                "a/" * 2048, "x" * 5000]:
+        with pytest.raises(NoSuchUnit):
+            cgroups.check_unit_name(bad)
+        with pytest.raises(NoSuchUnit):
+            cg.resolve(bad)
+    # below the bounds, many components and '..' resolve lexically, linearly
+    deep = "/".join(["d"] * 1000)
+    with pytest.raises(NoSuchUnit):
+        cg.resolve(deep)
+    assert cg.resolve("a/.." + "/." * 1000 + "/" + "n" * 255) == "n" * 255

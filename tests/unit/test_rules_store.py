@@ -1,30 +1,17 @@
-"""Rule files and the runtime state: loaded as a whole, written atomically, restored only for
-the same process (issue 9)."""
+"""Rule files: loaded as a whole, written atomically (issue 9)."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from chadthrottle.errors import InvalidRule
-from chadthrottle.procfs import terminate
-from chadthrottle.rules import procinfo
 from chadthrottle.rules.model import Rule
 from chadthrottle.rules.ruleset import RuleSet
-from chadthrottle.rules.store import (
-    RuleFiles,
-    State,
-    StateFile,
-    StoredLimit,
-    StoredUnitLimit,
-    atomic_write,
-    restorable,
-)
+from chadthrottle.rules.store import RuleFiles, atomic_write
 
 STEAM_TOML = ('name = "Steam downloads"\nexe = "/usr/lib/steam/*"\nscope = "application"\n'
               'download = 5_000_000\n')
@@ -129,79 +116,3 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path,
     monkeypatch.undo()
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["state.json"]
-
-
-def test_state_round_trip(tmp_path: Path) -> None:
-    state = State(
-        rules=(Rule.from_bus({"comm": "wget", "download": 51200, "id": "wget"}),),
-        limits=(StoredLimit(pid=4242, start_time=99, download=51200, uid=1000,
-                            origin="SetLimit"),),
-        unit_limits=(StoredUnitLimit(unit="backup.service", upload=1_000_000, uid=0,
-                                     origin="SetUnitLimit"),),
-    )
-    f = StateFile(tmp_path / "run" / "state.json")
-    f.save(state)
-    assert mode(f.path) == 0o644 and mode(f.path.parent) == 0o755
-    data = json.loads(f.path.read_text())
-    assert data["version"] == 1
-    assert data["limits"] == [{"download": 51200, "upload": 0, "uid": 1000,
-                               "origin": "SetLimit", "pid": 4242, "start_time": 99}]
-    assert data["rules"][0]["id"] == "wget"
-    loaded = f.load()
-    assert loaded.problems == ()
-    assert loaded.state == state
-
-
-def test_state_refuses_permanent_rules(tmp_path: Path) -> None:
-    rule = Rule.from_bus({"comm": "x", "download": 1024, "id": "x", "permanent": True})
-    with pytest.raises(InvalidRule):
-        StateFile(tmp_path / "s.json").save(State(rules=(rule,)))
-
-
-def test_damaged_state_entries_are_dropped_one_by_one(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    path.write_text(json.dumps({
-        "version": 1,
-        "rules": [{"id": "ok", "comm": "wget", "download": 51200},
-                  {"id": "bad", "comm": "wget", "download": "fast"},
-                  {"id": "perm", "comm": "x", "download": 51200, "permanent": True}],
-        "limits": [{"pid": 10, "start_time": 5, "download": 2048, "uid": 0},
-                   {"pid": "10", "start_time": 5, "download": 2048, "uid": 0},
-                   {"pid": 11, "start_time": 5, "uid": 0}],
-    }))
-    loaded = StateFile(path).load()
-    assert [r.id for r in loaded.state.rules] == ["ok"]
-    assert [lim.pid for lim in loaded.state.limits] == [10]
-    assert len(loaded.problems) == 4
-    assert any("'download'" in p for p in loaded.problems)
-
-
-@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"version": 99}', b"\xff"])
-def test_unreadable_state_is_empty_with_a_problem(tmp_path: Path, content: bytes) -> None:
-    path = tmp_path / "state.json"
-    path.write_bytes(content)
-    loaded = StateFile(path).load()
-    assert loaded.state == State() and len(loaded.problems) == 1
-
-
-def test_no_state_file_is_an_empty_state(tmp_path: Path) -> None:
-    assert StateFile(tmp_path / "none.json").load().state == State()
-
-
-def test_restore_only_the_same_process_never_a_reused_pid() -> None:
-    child = subprocess.Popen(["sleep", "60"])
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    try:
-        real = procinfo.start_time(child.pid)
-        assert real is not None
-        same = StoredLimit(pid=child.pid, start_time=real, download=51200, uid=0)
-        reused = StoredLimit(pid=child.pid, start_time=real + 1, download=51200, uid=0)
-        exited = StoredLimit(pid=gone.pid, start_time=real, download=51200, uid=0)
-        keep, drop = restorable([same, reused, exited])
-        assert keep == [same]
-        assert [(lim, why.split(" ")[0]) for lim, why in drop] == [(reused, "pid"),
-                                                                   (exited, "exited")]
-        assert "reused" in drop[0][1]
-    finally:
-        terminate(child)

@@ -4,6 +4,11 @@ Only the bus: it never imports the engine or the service.  Messages are built by
 (no introspection round trip), and every failure becomes a :class:`DaemonError` whose
 message is meant for people and whose ``name`` is the D-Bus error name (or a pseudo
 name for failures that never reached the bus).
+
+Signals are taken from the daemon only (issue 7, item 10): :class:`StatsFeed` matches on
+``sender='org.chadthrottle.Throttle1'`` and checks that each message's sender is the unique
+name that owns the bus name now (GetNameOwner, then NameOwnerChanged — itself accepted only
+from the bus driver), so no other connection can feed it.
 """
 
 from __future__ import annotations
@@ -243,3 +248,119 @@ class Client:
     async def reload(self) -> None:
         """Reload: the daemon re-reads its permanent rules."""
         await self._call("Reload", write=True, action=names.POLKIT_ACTION_MANAGE_RULES)
+
+    async def subscribe(self, interval_ms: int) -> None:
+        await self._call("Subscribe", "u", [interval_ms])
+
+    async def unsubscribe(self) -> None:
+        await self._call("Unsubscribe")
+
+    async def get_permissions(self) -> dict[str, str]:
+        (perms,) = await self._call("GetPermissions")
+        return {str(k): str(v) for k, v in perms.items()}
+
+    # --- the bus driver ---------------------------------------------------------------------
+    async def _driver(self, member: str, signature: str = "", body: list | None = None) -> list:
+        assert self._bus is not None, "connect() first"
+        reply = await asyncio.wait_for(self._bus.call(Message(
+            destination=names.BUS_DRIVER, path=names.BUS_DRIVER_PATH,
+            interface=names.BUS_DRIVER, member=member, signature=signature,
+            body=body or [])), READ_TIMEOUT)
+        if reply.message_type == MessageType.ERROR:
+            name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise DaemonError(name, explain(name, text), text)
+        return reply.body
+
+    async def daemon_owner(self) -> str:
+        """The unique name that owns org.chadthrottle.Throttle1 now."""
+        (owner,) = await self._driver("GetNameOwner", "s", [names.BUS_NAME])
+        return str(owner)
+
+
+STATS_RULE = (f"type='signal',sender='{names.BUS_NAME}',path='{names.OBJECT_PATH}',"
+              f"interface='{names.INTERFACE}',member='Stats'")
+OWNER_RULE = (f"type='signal',sender='{names.BUS_DRIVER}',path='{names.BUS_DRIVER_PATH}',"
+              f"interface='{names.BUS_DRIVER}',member='NameOwnerChanged',"
+              f"arg0='{names.BUS_NAME}'")
+
+
+class StatsFeed:
+    """The daemon's ``Stats`` signals for this connection (Subscribe … Unsubscribe).
+
+    ``async with StatsFeed(client, 1000) as feed: rows = await feed.next()``.  Only
+    signals whose sender is the current owner of org.chadthrottle.Throttle1 are taken;
+    when the daemon restarts (a new owner), the feed subscribes again.
+    """
+
+    def __init__(self, client: Client, interval_ms: int) -> None:
+        self._client = client
+        self._interval_ms = interval_ms
+        self._owner: str | None = None
+        self._latest: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue(maxsize=1)
+        self._resubscribe: asyncio.Task | None = None
+        self.ignored = 0  # signals from anyone else (counted, never used)
+
+    async def __aenter__(self) -> StatsFeed:
+        bus = self._client._bus
+        assert bus is not None, "connect() first"
+        bus.add_message_handler(self._on_message)
+        try:
+            await self._client._driver("AddMatch", "s", [OWNER_RULE])
+            await self._client._driver("AddMatch", "s", [STATS_RULE])
+            try:
+                self._owner = await self._client.daemon_owner()
+            except DaemonError as e:
+                raise DaemonError(e.name, explain(DBUS_NAME_HAS_NO_OWNER, ""), e.detail) from e
+            await self._client.subscribe(self._interval_ms)
+        except BaseException:
+            bus.remove_message_handler(self._on_message)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        bus = self._client._bus
+        if bus is None:
+            return
+        bus.remove_message_handler(self._on_message)
+        if self._resubscribe is not None:
+            self._resubscribe.cancel()
+        if bus.connected:
+            for call in (self._client.unsubscribe(),
+                         self._client._driver("RemoveMatch", "s", [STATS_RULE]),
+                         self._client._driver("RemoveMatch", "s", [OWNER_RULE])):
+                try:
+                    await call
+                except (DaemonError, TimeoutError, OSError, EOFError):
+                    pass
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL:
+            return None
+        if (msg.member == "NameOwnerChanged" and msg.sender == names.BUS_DRIVER
+                and msg.interface == names.BUS_DRIVER and msg.signature == "sss"
+                and msg.body[0] == names.BUS_NAME):
+            self._owner = msg.body[2] or None
+            if self._owner:  # the daemon came back: subscribe again
+                self._resubscribe = asyncio.ensure_future(self._subscribe_again())
+            return None
+        if msg.member == "Stats" and msg.interface == names.INTERFACE:
+            if self._owner is None or msg.sender != self._owner \
+                    or msg.path != names.OBJECT_PATH or msg.signature != "taa{sv}":
+                self.ignored += 1
+                return None
+            rows = [_plain(r) for r in msg.body[1]]
+            if self._latest.full():
+                self._latest.get_nowait()  # only the newest matters
+            self._latest.put_nowait(rows)
+        return None
+
+    async def _subscribe_again(self) -> None:
+        try:
+            await self._client.subscribe(self._interval_ms)
+        except DaemonError:
+            pass
+
+    async def next(self) -> list[dict[str, Any]]:
+        """The rows of the next Stats signal (the newest, if several arrived)."""
+        return await self._latest.get()

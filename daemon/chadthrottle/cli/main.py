@@ -20,6 +20,7 @@ from chadthrottle.cli import rules as rulecli
 from chadthrottle.cli.client import Client, DaemonError
 from chadthrottle.cli.procs import comm_of, find_by_name
 from chadthrottle.cli.run import ExecFailed, run_limited
+from chadthrottle.safetext import printable
 from chadthrottle.units import RULES, RateError, parse_rate
 
 PROG = "chadthrottlectl"
@@ -223,8 +224,7 @@ def resolve_target(args: argparse.Namespace) -> tuple[int, str | None]:
     return found[0].pid, found[0].comm
 
 
-def who(pid: int, comm: str | None) -> str:
-    return f"PID {pid} ({comm})" if comm else f"PID {pid}"
+who = render.who
 
 
 async def cmd_limit(c: Client, args: argparse.Namespace, out: Console) -> int:
@@ -292,11 +292,11 @@ async def cmd_unit(c: Client, args: argparse.Namespace, out: Console) -> int:
     if args.unit_cmd == "limit":
         down, up = args.download or 0, args.upload or 0
         await c.set_unit_limit(args.unit, down, up)
-        out.print(f"Limited unit {args.unit}: {render.limits_summary(down, up)}",
+        out.print(f"Limited unit {printable(args.unit)}: {render.limits_summary(down, up)}",
                   highlight=False)
     else:
         await c.clear_unit_limit(args.unit)
-        out.print(f"Cleared the limit of unit {args.unit}", highlight=False)
+        out.print(f"Cleared the limit of unit {printable(args.unit)}", highlight=False)
     return EXIT_OK
 
 
@@ -311,10 +311,10 @@ async def cmd_info(c: Client, args: argparse.Namespace, out: Console) -> int:
     if args.json:
         print(render.dumps(data))
     else:
-        out.print(f"chadthrottled {version} on {names.BUS_NAME} (client {__version__})",
-                  highlight=False)
-        out.print("attached to: " + (", ".join(attached) if attached else "(nothing yet)"),
-                  highlight=False)
+        out.print(f"chadthrottled {printable(version)} on {names.BUS_NAME} "
+                  f"(client {__version__})", highlight=False)
+        out.print("attached to: " + (", ".join(printable(a) for a in attached)
+                                     if attached else "(nothing yet)"), highlight=False)
     return EXIT_OK
 
 
@@ -357,8 +357,8 @@ def make_console() -> Console:
 
 
 def error(message: str, name: str | None = None) -> None:
-    suffix = f" [{name}]" if name else ""
-    print(f"{PROG}: {message}{suffix}", file=sys.stderr)
+    suffix = f" [{printable(name)}]" if name else ""
+    print(f"{PROG}: {printable(message)}{suffix}", file=sys.stderr)
 
 
 async def _dispatch(args: argparse.Namespace) -> int:

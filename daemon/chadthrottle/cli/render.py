@@ -9,6 +9,11 @@ The JSON keys are part of the CLI's interface (documented in the README and ``--
   plus ``"rule"`` (the id of the rule behind the limit, "" for none) when the daemon
   reports rules.
 * ``info --json``: ``{"version", "attached_cgroups", "client_version"}``.
+
+Every string in human output that comes from elsewhere (process and unit names, cgroup
+paths, the daemon's words) passes :func:`chadthrottle.safetext.printable`, so control
+characters are shown escaped (``\\x1b``) and never reach the terminal (issue 7, item 8);
+JSON output escapes them as ``\\uXXXX``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from rich.text import Text
 
 from chadthrottle import names
 from chadthrottle.cli.rules import rule_cell
+from chadthrottle.safetext import json_safe, printable
 from chadthrottle.units import format_bytes, format_limit, format_rate
 
 STATS_KEYS: tuple[str, ...] = (
@@ -122,10 +128,15 @@ def info_json(version: str | None, attached: Iterable[str] | None,
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False)
+    return json_safe(json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False))
 
 
 # --- human text ----------------------------------------------------------------------------
+def who(pid: int, comm: str | None) -> str:
+    """``PID 9256 (wget)``, the name escaped."""
+    return f"PID {pid} ({printable(comm)})" if comm else f"PID {pid}"
+
+
 def _drops(n: Any) -> str:
     n = int(n or 0)
     return f"{n} packet{'s' if n != 1 else ''} dropped"
@@ -136,9 +147,9 @@ def stats_text(stats: Mapping[str, Any]) -> str:
     s = stats_json(stats)
     status = s["status"] or "?"
     lines = [
-        f"PID {s['pid']} ({s['comm'] or '?'})",
-        f"  cgroup:    {s['cgroup'] or '?'}",
-        f"  status:    {status} ({STATUS_TEXT.get(status, 'unknown status')})",
+        f"PID {s['pid']} ({printable(s['comm'] or '?')})",
+        f"  cgroup:    {printable(s['cgroup'] or '?')}",
+        f"  status:    {printable(status)} ({STATUS_TEXT.get(status, 'unknown status')})",
     ]
     for direction in ("download", "upload"):
         rate = format_rate(s[f"{direction}_rate"] or 0.0)
@@ -168,8 +179,8 @@ def list_table(rows: list[dict[str, Any]]) -> Table:
     if with_rule:
         table.add_column("RULE")
     for row in rows:
-        cells = [str(row["pid"]), row["comm"] or "?", format_limit(row["download_limit"]),
-                 format_limit(row["upload_limit"])]
+        cells = [str(row["pid"]), printable(row["comm"] or "?"),
+                 format_limit(row["download_limit"]), format_limit(row["upload_limit"])]
         table.add_row(*cells, *([rule_cell(row.get(RULE_KEY))] if with_rule else []))
     return table
 
@@ -199,12 +210,12 @@ def top_table(procs: Iterable[Mapping[str, Any]], caption: str | None = None) ->
         status = s["status"] or "?"
         table.add_row(
             str(s["pid"]),
-            s["comm"] or "?",
+            printable(s["comm"] or "?"),
             format_rate(s["download_rate"] or 0.0),
             format_rate(s["upload_rate"] or 0.0),
             _limit_cell(s["download_limit"]),
             _limit_cell(s["upload_limit"]),
-            Text(status, style=STATUS_STYLE.get(status, "")),
+            Text(printable(status), style=STATUS_STYLE.get(status, "")),
             f"{s['download_dropped'] or 0}/{s['upload_dropped'] or 0}",
             *([rule_cell(p.get(RULE_KEY))] if with_rule else []),
             style=LIMITED_ROW_STYLE if is_limited(s) else None,

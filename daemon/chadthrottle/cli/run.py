@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from chadthrottle import names
 from chadthrottle.cli.client import Client, DaemonError
+from chadthrottle.safetext import printable
 
 GO = b"g"
 EXIT_NOT_FOUND = 127
@@ -88,7 +89,7 @@ async def run_limited(client: Client, argv: Sequence[str], download: int, upload
                       *, warn=None) -> int:
     """Run `argv` limited; returns the exit code.  Raises DaemonError if the limit could not
     be set (the command is then never executed) and ExecFailed if exec failed."""
-    warn = warn or (lambda msg: print(f"chadthrottlectl: {msg}", file=sys.stderr))
+    warn = warn or (lambda msg: print(f"chadthrottlectl: {printable(msg)}", file=sys.stderr))
     pid, go_w, err_r = spawn_parked(argv)
     pidfd = os.pidfd_open(pid)
     released = False

@@ -1,6 +1,10 @@
 """`chadthrottlectl top`: a live rich table of ListProcesses, `q` to quit.
 
-When stdout is not a terminal it prints one snapshot and returns (the caller decides).
+Live, it follows the daemon's ``Stats`` signal (Subscribe; signals taken from the daemon's
+unique name only, see :class:`~chadthrottle.cli.client.StatsFeed`) when the interval is
+one the daemon serves (0.25 … 10 s), and polls ListProcesses otherwise or when the daemon
+does not know Subscribe.  When stdout is not a terminal it prints one snapshot and returns
+(the caller decides).
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ from collections.abc import Iterator
 from rich.console import Console
 from rich.live import Live
 
-from chadthrottle.cli.client import Client
+from chadthrottle import names
+from chadthrottle.cli.client import Client, DaemonError, StatsFeed
 from chadthrottle.cli.render import top_table
+from chadthrottle.safetext import printable
 
 QUIT_KEYS = frozenset("qQ\x1b")  # q, Q, Esc
+UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
 
 
 def caption(version: str | None, count: int, interval: float, live: bool) -> str:
-    parts = [f"chadthrottled {version}" if version else "chadthrottled",
+    parts = [f"chadthrottled {printable(version)}" if version else "chadthrottled",
              f"{count} process{'es' if count != 1 else ''} with traffic"]
     if live:
         parts.append(f"every {interval:g} s · q to quit")
@@ -77,25 +84,60 @@ async def live(client: Client, interval: float, iterations: int | None,
                     keys.put_nowait(ch)
             loop.add_reader(stdin_fd, on_key)
         try:
-            procs = await client.list_processes()
-            with Live(top_table(procs, caption(version, len(procs), interval, True)),
-                      console=console, auto_refresh=False, screen=True,
-                      transient=True) as view:
-                done = 1
-                while iterations is None or done < iterations:
-                    try:
-                        key: str | None = await asyncio.wait_for(keys.get(), interval)
-                    except TimeoutError:
-                        key = None
-                    if key is not None and key in QUIT_KEYS:
-                        break
-                    procs = await client.list_processes()
-                    view.update(top_table(procs, caption(version, len(procs), interval, True)),
-                                refresh=True)
-                    if key is None:  # any other key only redraws now
-                        done += 1
-            if iterations is not None:  # a bounded run leaves its last table on screen
-                console.print(top_table(procs, caption(version, len(procs), interval, False)))
+            await _show(client, console, version, keys, interval, iterations)
         finally:
             if reading:
                 loop.remove_reader(stdin_fd)
+
+
+async def _show(client: Client, console: Console, version: str | None,
+                keys: asyncio.Queue[str], interval: float, iterations: int | None) -> None:
+    feed: StatsFeed | None = None
+    if names.STATS_INTERVAL_MIN_MS <= interval * 1000 <= names.STATS_INTERVAL_MAX_MS:
+        feed = StatsFeed(client, round(interval * 1000))
+        try:
+            await feed.__aenter__()
+        except DaemonError as e:
+            if e.name != UNKNOWN_METHOD:
+                raise
+            feed = None  # an older daemon: poll
+
+    async def next_rows() -> list[dict]:
+        if feed is not None:
+            return await feed.next()
+        await asyncio.sleep(interval)
+        return await client.list_processes()
+
+    rows_task: asyncio.Future | None = None
+    key_task: asyncio.Future | None = None
+    try:
+        procs = await client.list_processes()
+        with Live(top_table(procs, caption(version, len(procs), interval, True)),
+                  console=console, auto_refresh=False, screen=True,
+                  transient=True) as view:
+            done = 1
+            while iterations is None or done < iterations:
+                rows_task = rows_task or asyncio.ensure_future(next_rows())
+                key_task = key_task or asyncio.ensure_future(keys.get())
+                ready, _ = await asyncio.wait({rows_task, key_task},
+                                              return_when=asyncio.FIRST_COMPLETED)
+                if key_task in ready:
+                    key = key_task.result()
+                    key_task = None
+                    if key in QUIT_KEYS:
+                        break
+                    procs = await client.list_processes()  # any other key redraws now
+                if rows_task in ready:
+                    procs = rows_task.result()
+                    rows_task = None
+                    done += 1
+                view.update(top_table(procs, caption(version, len(procs), interval, True)),
+                            refresh=True)
+        if iterations is not None:  # a bounded run leaves its last table on screen
+            console.print(top_table(procs, caption(version, len(procs), interval, False)))
+    finally:
+        for task in (rows_task, key_task):
+            if task is not None:
+                task.cancel()
+        if feed is not None:
+            await feed.__aexit__(None, None, None)

@@ -70,9 +70,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
   </policy>
   <include ignore_missing="yes">{project_policy}</include>
   <include ignore_missing="yes">{polkit_policy}</include>
-  <limit name="max_replies_per_connection">50000</limit>
-  <limit name="max_connections_per_user">2048</limit>
-</busconfig>
+{limits}</busconfig>
 """
 
 
@@ -81,12 +79,23 @@ def project_dbus_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "dbus"
 
 
-def bus_config(socket_path: str | os.PathLike, policy_dir: str | os.PathLike | None = None) -> str:
+#: raised limits for development (many concurrent benchmark calls on one connection); the
+#: distribution's system bus keeps dbus-daemon's built-in defaults (128 pending replies per
+#: connection, 256 connections per user) -- ``default_limits=True`` keeps those.
+RAISED_LIMITS = """\
+  <limit name="max_replies_per_connection">50000</limit>
+  <limit name="max_connections_per_user">2048</limit>
+"""
+
+
+def bus_config(socket_path: str | os.PathLike, policy_dir: str | os.PathLike | None = None,
+               *, default_limits: bool = False) -> str:
     policy_dir = Path(policy_dir) if policy_dir else project_dbus_dir()
     return BUS_CONFIG.format(
         socket=escape(str(socket_path)),
         project_policy=escape(str(policy_dir / POLICY_NAME)),
         polkit_policy=escape(POLKIT_BUS_POLICY),
+        limits="" if default_limits else RAISED_LIMITS,
     )
 
 
@@ -126,13 +135,19 @@ def system_bus_reachable() -> str | None:
 
 
 class PrivateBus:
-    """A dbus-daemon of our own; ``stop()`` kills it by pid and removes its directory."""
+    """A dbus-daemon of our own; ``stop()`` kills it by pid and removes its directory.
 
-    def __init__(self, directory: str | os.PathLike, policy_dir=None) -> None:
+    ``default_limits``: keep dbus-daemon's built-in limits, as a distribution's system bus
+    does, instead of the raised development limits (which hide limit-related bugs).
+    """
+
+    def __init__(self, directory: str | os.PathLike, policy_dir=None, *,
+                 default_limits: bool = False) -> None:
         self.dir = Path(directory)
         self.socket = self.dir / "system_bus_socket"
         self.address = f"unix:path={self.socket}"
         self.policy_dir = policy_dir
+        self.default_limits = default_limits
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 10.0) -> str:
@@ -140,7 +155,8 @@ class PrivateBus:
         if self.socket.exists():
             self.socket.unlink()
         conf = self.dir / "bus.conf"
-        conf.write_text(bus_config(self.socket, self.policy_dir))
+        conf.write_text(bus_config(self.socket, self.policy_dir,
+                                   default_limits=self.default_limits))
         self.proc = subprocess.Popen(
             ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={conf}"],
             stdin=subprocess.DEVNULL,
@@ -193,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="always start a private bus, even if a system bus answers")
     p.add_argument("--bus-dir", default=str(DEV_DIR),
                    help=f"directory of the private bus (default: {DEV_DIR})")
+    p.add_argument("--default-limits", action="store_true",
+                   help="keep dbus-daemon's built-in limits on the private bus (128 pending "
+                        "replies per connection), as on a distribution's system bus")
     args, daemon_args = p.parse_known_args(argv)
     if os.geteuid() != 0:
         print("devrun: chadthrottled needs root (BPF, cgroups): run it with sudo", file=sys.stderr)
@@ -204,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_policy_installed(address)
         print(f"devrun: using the system bus at {address}", file=sys.stderr)
     else:
-        bus = PrivateBus(args.bus_dir)
+        bus = PrivateBus(args.bus_dir, default_limits=args.default_limits)
         address = bus.start()
         print("devrun: no system bus is running; started a private one. In other shells:",
               file=sys.stderr)

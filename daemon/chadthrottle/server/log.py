@@ -6,6 +6,11 @@ socket (or without systemd-python) the same lines go to stderr.
 
 Verbosity: ``--log-level LEVEL`` or ``CHADTHROTTLE_LOG``, which takes a RUST_LOG-like list:
 ``debug`` or ``info,chadthrottle.engine=debug`` (logger=level pairs override the default).
+
+Messages carry names chosen by others (process names, cgroup and unit names): every line,
+journal MESSAGE and stderr alike, is formatted by :class:`SafeFormatter`, which escapes
+control characters (``\\x1b``), so no process can forge a line or drive the terminal of
+someone reading the log.  Structured fields keep the raw values.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+from ..safetext import printable, printable_lines
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 IDENTIFIER = "chadthrottled"
@@ -34,11 +41,28 @@ def journal_priority(levelno: int) -> int:
     return 7
 
 
+class SafeFormatter(logging.Formatter):
+    """A Formatter whose output has every control character of the message escaped
+    (tracebacks keep their line breaks, each line escaped)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:  # noqa: N802
+        return printable_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return printable_lines(super().formatStack(stack_info))
+
+
 class JournalHandler(logging.Handler):
-    """Sends each record to journald with its ``journal`` fields."""
+    """Sends each record to journald with its ``journal`` fields (MESSAGE escaped, fields
+    raw)."""
 
     def __init__(self, send=None) -> None:
         super().__init__()
+        self.setFormatter(SafeFormatter("%(message)s"))
         if send is None:
             from systemd import journal
 
@@ -105,11 +129,10 @@ def setup(level: str | None = None, target: str = "auto") -> str:
         target = "journal" if journal_available() else "stderr"
     if target == "journal":
         handler: logging.Handler = JournalHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+            SafeFormatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s")
         )
     root = logging.getLogger()
     for h in list(root.handlers):

@@ -1,9 +1,15 @@
 """chadthrottled: the root daemon serving org.chadthrottle.Throttle1 on the system bus.
 
 Start-up order: open the engine (load + attach the BPF object), connect to the system bus
-(``DBUS_SYSTEM_BUS_ADDRESS`` is honoured), export the object, install the gate, *then*
-request the name, then tell systemd READY=1.  SIGTERM/SIGINT: release the name, detach
-everything (engine.close()), exit 0.
+(``DBUS_SYSTEM_BUS_ADDRESS`` is honoured), export the object, install the gate, watch
+NameOwnerChanged (subscribers that leave the bus are forgotten), *then* request the name,
+then tell systemd READY=1.  SIGTERM/SIGINT: release the name, detach everything
+(engine.close()), exit 0.
+
+Sampling (once a second) runs only while something needs it: a Stats subscriber, a
+process or unit limit, ``--monitor-all``, or a client that read rates (GetStats,
+ListProcesses) in the last READ_GRACE seconds.  Otherwise the sampler sleeps until one of
+those appears.  Stats signals go to each subscriber at its own interval.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ import os
 import resource
 import signal
 import sys
+import time
 
-from dbus_fast import BusType, RequestNameReply
+from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
@@ -30,6 +37,12 @@ from .sdnotify import notify, watchdog_interval
 log = logging.getLogger("chadthrottle.server")
 
 SAMPLE_INTERVAL = 1.0
+#: a client that read rates keeps the sampler running this long (pollers such as
+#: `chadthrottlectl top --json` in a loop, or an applet without Subscribe)
+READ_GRACE = 30.0
+NAME_OWNER_CHANGED_RULE = (f"type='signal',sender='{names.BUS_DRIVER}',"
+                           f"interface='{names.BUS_DRIVER}',member='NameOwnerChanged',"
+                           f"path='{names.BUS_DRIVER_PATH}'")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
@@ -75,11 +88,16 @@ class Daemon:
         self.bus: MessageBus | None = None
         self.iface = None
         self.gate = None
+        self.subs = None
+        self._wake = asyncio.Event()  # the sampler: something may need samples now
+        self._subs_changed = asyncio.Event()  # the Stats loop: re-plan
+        self._sampling: bool | None = None  # unknown until the sampler first looks
 
     async def run(self) -> int:
         from ..engine import Engine
         from ..service.interface import Gate, Throttle1
         from ..service.polkit import Authorizer
+        from ..service.subscriptions import Subscriptions
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,10 +116,13 @@ class Daemon:
             notify("STATUS=connecting to the system bus")
             self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
             _grow_send_buffer(self.bus)
-            self.iface = Throttle1(self.engine, loop)
+            self.subs = Subscriptions(on_change=self._on_subscriptions_changed)
+            self.iface = Throttle1(self.engine, loop, subscriptions=self.subs, bus=self.bus,
+                                   on_demand=self._wake.set)
             self.bus.export(names.OBJECT_PATH, self.iface)
             self.gate = Gate(self.bus, self.iface, Authorizer(self.bus))
             self.bus.add_message_handler(self.gate)
+            await self._watch_name_owners()
             reply = await self.bus.request_name(names.BUS_NAME, NameFlag.DO_NOT_QUEUE)
             if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
                 log.error("cannot own %s on the system bus: %s", names.BUS_NAME, reply.name)
@@ -111,7 +132,8 @@ class Daemon:
                      names.BUS_NAME, ", ".join(self.engine.attached_cgroups) or "nothing yet")
             notify(f"READY=1\nSTATUS=serving {names.BUS_NAME}, 0 limits")
             tasks = [
-                loop.create_task(self._every(SAMPLE_INTERVAL, self._sample), name="sample"),
+                loop.create_task(self._sampler(), name="sample"),
+                loop.create_task(self._stats_sender(), name="stats"),
                 loop.create_task(self._every(DIAG_INTERVAL, self._diagnose), name="diag"),
                 loop.create_task(self._bus_watch(), name="bus"),
             ]
@@ -145,6 +167,62 @@ class Daemon:
                 fn()
             except Exception:
                 log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
+
+    async def _watch_name_owners(self) -> None:
+        reply = await self.bus.call(Message(
+            destination=names.BUS_DRIVER, path=names.BUS_DRIVER_PATH,
+            interface=names.BUS_DRIVER, member="AddMatch", signature="s",
+            body=[NAME_OWNER_CHANGED_RULE]))
+        if reply.message_type is MessageType.ERROR:
+            raise ChadthrottleError(f"cannot watch NameOwnerChanged: {reply.error_name}")
+
+    def _on_subscriptions_changed(self) -> None:
+        self._subs_changed.set()
+        self._wake.set()
+
+    def sampling_needed(self) -> bool:
+        """A subscriber, a limit, --monitor-all, or a recent reader of rates."""
+        return bool(len(self.subs) or self.engine.list_limits()
+                    or self.engine.list_unit_limits() or self.args.monitor_all
+                    or time.monotonic() - self.iface.last_rate_read < READ_GRACE)
+
+    async def _sampler(self) -> None:
+        while True:
+            self._wake.clear()
+            needed = self.sampling_needed()
+            if needed != self._sampling:
+                self._sampling = needed
+                log.info("sampling %s (%d subscriber(s), %d limit(s), %d unit limit(s))",
+                         "on" if needed else "off", len(self.subs),
+                         len(self.engine.list_limits()), len(self.engine.list_unit_limits()))
+            if not needed:
+                await self._wake.wait()
+                continue
+            try:
+                self._sample()
+            except Exception:
+                log.exception("periodic task _sample failed")
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    async def _stats_sender(self) -> None:
+        """Stats to each subscriber when its interval is due."""
+        while True:
+            self._subs_changed.clear()
+            nxt = self.subs.next_due()
+            if nxt is None:
+                await self._subs_changed.wait()
+                continue
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self._subs_changed.wait(), delay)
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                self.iface.send_stats(self.subs.take_due())
+            except Exception:
+                log.exception("sending Stats failed")
 
     def _sample(self) -> None:
         # per-process counters (the data behind top) are kept while every process is watched

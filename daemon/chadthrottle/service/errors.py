@@ -24,6 +24,9 @@ ERROR_NAMES: dict[type[BaseException], str] = {
     errors.InvalidLimit: names.ERR_INVALID_LIMIT,
     errors.NotAuthorized: names.ERR_NOT_AUTHORIZED,
     errors.Unsupported: names.ERR_UNSUPPORTED,
+    # the authority could not answer: a failure of this call (retry), not a denial
+    errors.AuthorizationFailed: names.ERR_FAILED,
+    errors.LimitsExceeded: names.ERR_LIMITS_EXCEEDED,
 }
 
 FAILED_TEXT = "internal error; the traceback is in the daemon's journal"

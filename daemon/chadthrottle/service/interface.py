@@ -11,10 +11,17 @@ Two halves:
   :class:`~chadthrottle.service.polkit.Authorizer`, runs the translation and replies —
   translating every exception in one place (:mod:`chadthrottle.service.errors`).  The
   ``@method`` bodies are unreachable through the gate and fail closed if ever reached.
+
+Reads are answered at once, without asking anyone (issue 7, item 6).  Members that concern
+the caller itself (Subscribe, Unsubscribe, GetPermissions) get the caller's unique name —
+and its uid, or its permissions from the Authorizer — from the gate.  Stats subscriptions
+are kept by :mod:`chadthrottle.service.subscriptions`; here they are only translated into
+unicast ``Stats`` signals (a signal message with ``destination=`` the subscriber).
 """
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
@@ -49,6 +56,11 @@ STATS_SIGNATURES: dict[str, str] = {
     "upload_packets": "t",
     "download_dropped_bytes": "t",
     "upload_dropped_bytes": "t",
+    # what an applet groups rows by (issue 10); emitted when the engine provides them
+    "exe": "s",
+    "uid": "u",
+    "unit": "s",
+    "rule": "s",
 }
 _CASTS = {"u": int, "t": int, "d": float, "s": str}
 
@@ -56,11 +68,13 @@ _CASTS = {"u": int, "t": int, "d": float, "s": str}
 SIGNAL_ARG_NAMES = {
     "LimitChanged": ("pid", "download", "upload"),
     "LimitRemoved": ("pid", "reason"),
+    "Stats": ("monotonic_ns", "processes"),
 }
 OUT_ARG_NAMES = {
     "GetStats": ("stats",),
     "ListLimits": ("limits",),
     "ListProcesses": ("processes",),
+    "GetPermissions": ("permissions",),
 }
 
 
@@ -81,13 +95,22 @@ class _Ungated(DBusError):
 
 
 class Throttle1(ServiceInterface):
-    """The exported object.  ``engine`` is a chadthrottle.engine.Engine (opened)."""
+    """The exported object.  ``engine`` is a chadthrottle.engine.Engine (opened);
+    ``subscriptions`` a :class:`~chadthrottle.service.subscriptions.Subscriptions`;
+    ``bus`` the connection unicast Stats signals are sent on; ``on_demand`` is called when
+    someone needs fresh samples (a limit was set, rates were read, a subscriber came)."""
 
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop | None = None, *,
+                 subscriptions=None, bus=None, on_demand=None) -> None:
         super().__init__(names.INTERFACE)
         self._engine = engine
         self._loop = loop
-        self._attached: list[str] = []
+        self._attached: list[str] = list(engine.attached_cgroups)
+        self._subs = subscriptions
+        self.bus = bus
+        self._on_demand = on_demand or (lambda: None)
+        self.last_rate_read = float("-inf")  # monotonic time of the last GetStats/ListProcesses
+        self._limits_pending = False
 
     # ----------------------------------------------------------------- translations
     def serve_SetLimit(self, pid: int, download: int, upload: int) -> list:
@@ -98,16 +121,19 @@ class Throttle1(ServiceInterface):
                 self.LimitRemoved(pid, names.REASON_CLEARED)
         else:
             self.LimitChanged(lim.pid, lim.download, lim.upload)
-        self._maybe_changed()
+            self._on_demand()
+        self._limits_changed()
+        self._attached_maybe_changed()
         return []
 
     def serve_ClearLimit(self, pid: int) -> list:
         self._engine.clear_limit(pid)
         self.LimitRemoved(pid, names.REASON_CLEARED)
-        self._maybe_changed()
+        self._limits_changed()
         return []
 
     def serve_GetStats(self, pid: int) -> list:
+        self._rates_read()
         return [stats_to_variant_dict(self._engine.stats(pid))]
 
     def serve_ListLimits(self) -> list:
@@ -115,7 +141,8 @@ class Throttle1(ServiceInterface):
 
     def serve_SetUnitLimit(self, unit: str, download: int, upload: int) -> list:
         self._engine.set_unit_limit(unit, download, upload)
-        self._maybe_changed()
+        self._on_demand()
+        self._attached_maybe_changed()
         return []
 
     def serve_ClearUnitLimit(self, unit: str) -> list:
@@ -123,7 +150,58 @@ class Throttle1(ServiceInterface):
         return []
 
     def serve_ListProcesses(self) -> list:
-        return [[stats_to_variant_dict(st) for st in self._engine.list_processes()]]
+        self._rates_read()
+        return [self.stats_rows()]
+
+    def stats_rows(self) -> list[dict[str, Variant]]:
+        """The rows of ListProcesses and of the Stats signal."""
+        return [stats_to_variant_dict(st) for st in self._engine.list_processes()]
+
+    def _rates_read(self) -> None:
+        self.last_rate_read = time.monotonic()
+        self._on_demand()
+
+    # ----------------------------------------------------------------- the caller's own
+    def serve_Subscribe(self, sender: str, uid: int, interval_ms: int) -> list:
+        sub = self._subs.subscribe(sender, uid, interval_ms)
+        if sub is not None:
+            log.info("Stats subscriber %s (uid %d): every %d ms; %d subscriber(s)", sender,
+                     uid, sub.interval_ms, len(self._subs))
+        return []
+
+    def serve_Unsubscribe(self, sender: str) -> list:
+        if self._subs.unsubscribe(sender):
+            log.info("Stats subscriber %s unsubscribed; %d subscriber(s)", sender,
+                     len(self._subs))
+        return []
+
+    def serve_GetPermissions(self, permissions: dict[str, str]) -> list:
+        return [dict(permissions)]
+
+    def forget_caller(self, name: str) -> None:
+        """A unique name left the bus."""
+        if self._subs is not None and self._subs.forget(name):
+            log.info("Stats subscriber %s left the bus; %d subscriber(s)", name,
+                     len(self._subs))
+
+    def send_stats(self, destinations: list[str]) -> int:
+        """One ``Stats`` signal to each destination only (unicast); the rows are built once.
+        Returns how many were sent."""
+        if not destinations or self.bus is None:
+            return 0
+        rows = self.stats_rows()
+        now = time.monotonic_ns()
+        sent = 0
+        for dest in destinations:
+            try:
+                self.bus.send(Message(
+                    message_type=MessageType.SIGNAL, destination=dest, path=names.OBJECT_PATH,
+                    interface=names.INTERFACE, member="Stats", signature="taa{sv}",
+                    body=[now, rows]))
+                sent += 1
+            except Exception:  # the bus is going away; the loop stops with it
+                log.debug("could not send Stats to %s", dest, exc_info=True)
+        return sent
 
     # ----------------------------------------------------------------- engine notices
     def announce(self, notices) -> None:
@@ -140,9 +218,32 @@ class Throttle1(ServiceInterface):
                         self.LimitChanged(lim.pid, lim.download, lim.upload)
             except Exception:  # the bus is going away; the limit is gone all the same
                 log.warning("could not announce %s of %d", n.kind, n.pid, exc_info=True)
-        self._maybe_changed()
+        if notices:
+            self._limits_changed()
+        self._attached_maybe_changed()
 
-    def _maybe_changed(self) -> None:
+    def _limits_changed(self) -> None:
+        """Emit PropertiesChanged(Limits) once per turn of the loop, however many limits
+        changed in it (a burst of exits is one signal, with the final value)."""
+        if self._limits_pending:
+            return
+        if self._loop is None:
+            self._emit_limits()
+            return
+        self._limits_pending = True
+        self._loop.call_soon(self._emit_limits)
+
+    def _emit_limits(self) -> None:
+        self._limits_pending = False
+        try:
+            self.emit_properties_changed({"Limits": self._limits_value()})
+        except Exception:  # the bus is going away
+            log.debug("could not emit PropertiesChanged(Limits)", exc_info=True)
+
+    def _limits_value(self) -> list:
+        return [[lim.pid, lim.download, lim.upload] for lim in self._engine.list_limits()]
+
+    def _attached_maybe_changed(self) -> None:
         now = list(self._engine.attached_cgroups)
         if now != self._attached:
             self._attached = now
@@ -177,6 +278,18 @@ class Throttle1(ServiceInterface):
     def _list_processes(self) -> "aa{sv}":  # noqa: F821, F722
         raise _Ungated()
 
+    @method(name="Subscribe")
+    def _subscribe(self, interval_ms: "u") -> "":  # noqa: F821, F722
+        raise _Ungated()
+
+    @method(name="Unsubscribe")
+    def _unsubscribe(self) -> "":  # noqa: F821, F722
+        raise _Ungated()
+
+    @method(name="GetPermissions")
+    def _get_permissions(self) -> "a{ss}":  # noqa: F821, F722
+        raise _Ungated()
+
     @signal()
     def LimitChanged(self, pid, download, upload) -> "utt":  # noqa: F821, F722
         return [pid, download, upload]
@@ -185,6 +298,12 @@ class Throttle1(ServiceInterface):
     def LimitRemoved(self, pid, reason) -> "us":  # noqa: F821, F722
         return [pid, reason]
 
+    @signal(name="Stats")
+    def _stats_signal(self, monotonic_ns, processes) -> "taa{sv}":  # noqa: F821, F722
+        """Declared for introspection only: calling it would broadcast.  Stats is sent to
+        each subscriber alone by :meth:`send_stats`."""
+        raise _Ungated()
+
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":  # noqa: F821, F722
         return __version__
@@ -192,6 +311,10 @@ class Throttle1(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def AttachedCgroups(self) -> "as":  # noqa: F821, F722
         return list(self._engine.attached_cgroups)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Limits(self) -> "a(utt)":  # noqa: F821, F722
+        return self._limits_value()
 
     def introspect(self) -> intr.Interface:
         iface = super().introspect()
@@ -211,6 +334,10 @@ class Member:
     in_sig: str
     out_sig: str
     mutating: bool
+    #: what the gate hands the translation before the arguments: "" nothing (reads and
+    #: authorized changes), "sender" the caller's unique name, "sender+uid" and its uid,
+    #: "permissions" the caller's permissions from the Authorizer
+    caller: str = ""
 
 
 MEMBERS: dict[str, Member] = {
@@ -223,6 +350,9 @@ MEMBERS: dict[str, Member] = {
         Member("SetUnitLimit", "stt", "", True),
         Member("ClearUnitLimit", "s", "", True),
         Member("ListProcesses", "", "aa{sv}", False),
+        Member("Subscribe", "u", "", False, caller="sender+uid"),
+        Member("Unsubscribe", "", "", False, caller="sender"),
+        Member("GetPermissions", "", "a{ss}", False, caller="permissions"),
     )
 }
 
@@ -237,6 +367,9 @@ class Gate:
         self._tasks: set[asyncio.Task] = set()
 
     def __call__(self, msg: Message):
+        if msg.message_type is MessageType.SIGNAL:
+            self._on_signal(msg)
+            return None  # the library may want it too
         if msg.message_type is not MessageType.METHOD_CALL or msg.path != names.OBJECT_PATH:
             return None
         if msg.interface is not None and msg.interface != names.INTERFACE:
@@ -253,32 +386,74 @@ class Gate:
                 ErrorType.INVALID_ARGS.value,
                 f"{member.name} takes ({member.in_sig}), got ({msg.signature})",
             )
-        task = asyncio.get_running_loop().create_task(self._serve(msg, member, wants_reply))
+        if member.caller in ("", "sender") and not member.mutating:
+            # reads are open: answered at once, no polkit or bus round trip (issue 7, 6)
+            extra = (msg.sender,) if member.caller else ()
+            reply = self._reply(msg, member, *extra)
+            return reply if wants_reply else True
+        serve = self._serve_caller if member.caller else self._serve
+        task = asyncio.get_running_loop().create_task(serve(msg, member, wants_reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _serve(self, msg: Message, member: Member, wants_reply: bool) -> None:
+    def _on_signal(self, msg: Message) -> None:
+        """NameOwnerChanged from the bus driver itself (the sender is checked: anyone can
+        send a signal with that name): a unique name that left is forgotten."""
+        if (msg.sender == names.BUS_DRIVER and msg.member == "NameOwnerChanged"
+                and msg.interface == names.BUS_DRIVER and msg.signature == "sss"):
+            name, _old, new = msg.body
+            if name.startswith(":") and not new:
+                self._iface.forget_caller(name)
+                self._auth.forget(name)
+
+    async def _serve_caller(self, msg: Message, member: Member, wants_reply: bool) -> None:
+        """A member about the caller itself: its uid or permissions come from the bus and
+        polkit (asynchronously), then the translation runs."""
         try:
-            if member.mutating:
-                interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
-                if member.in_sig.startswith("u"):
-                    await self._auth.authorize_change(
-                        msg.sender, pid=int(msg.body[0]), interactive=interactive)
-                elif member.in_sig.startswith("s"):
-                    await self._auth.authorize_change(
-                        msg.sender, unit=str(msg.body[0]), interactive=interactive)
-                else:  # pragma: no cover - every mutating member names a target
-                    raise NotAuthorized("default deny")
+            if not msg.sender:
+                raise NotAuthorized("the message has no sender")
+            if member.caller == "sender+uid":
+                extra: tuple = (msg.sender, await self._auth.caller_uid(msg.sender))
+            elif member.caller == "permissions":
+                extra = (await self._auth.permissions(msg.sender),)
             else:
-                await self._auth.authorize_read(msg.sender)
-            body = getattr(self._iface, "serve_" + member.name)(*msg.body)
-            reply = Message.new_method_return(msg, member.out_sig, body)
+                extra = (msg.sender,)
         except Exception as exc:  # noqa: BLE001 - translated in the one place
             err = to_dbus_error(exc, member=member.name)
             reply = Message.new_error(msg, err.type, err.text)
-            log.debug("%s%s from %s -> %s: %s", member.name, tuple(msg.body), msg.sender,
-                    err.type, err.text)
+        else:
+            reply = self._reply(msg, member, *extra)
+        if wants_reply:
+            self._bus.send(reply)
+
+    def _reply(self, msg: Message, member: Member, *extra) -> Message:
+        """Run the translation of an authorized call; the reply or the translated error."""
+        try:
+            body = getattr(self._iface, "serve_" + member.name)(*extra, *msg.body)
+            return Message.new_method_return(msg, member.out_sig, body)
+        except Exception as exc:  # noqa: BLE001 - translated in the one place
+            err = to_dbus_error(exc, member=member.name)
+            log.debug("%s from %s -> %s: %s", member.name, msg.sender, err.type, err.text)
+            return Message.new_error(msg, err.type, err.text)
+
+    async def _serve(self, msg: Message, member: Member, wants_reply: bool) -> None:
+        try:
+            interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+            if member.in_sig.startswith("u"):
+                await self._auth.authorize_change(
+                    msg.sender, pid=int(msg.body[0]), interactive=interactive)
+            elif member.in_sig.startswith("s"):
+                await self._auth.authorize_change(
+                    msg.sender, unit=str(msg.body[0]), interactive=interactive)
+            else:  # pragma: no cover - every mutating member names a target
+                raise NotAuthorized("default deny")
+        except Exception as exc:  # noqa: BLE001 - translated in the one place
+            err = to_dbus_error(exc, member=member.name)
+            log.debug("%s from %s -> %s: %s", member.name, msg.sender, err.type, err.text)
+            reply = Message.new_error(msg, err.type, err.text)
+        else:
+            reply = self._reply(msg, member)
         if wants_reply:
             self._bus.send(reply)
 
