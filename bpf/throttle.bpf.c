@@ -822,10 +822,16 @@ int BPF_PROG(ct_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm 
 	x.cfg = ct_cfg();
 	if (!x.cfg || !x.cfg->nrules)
 		return 0;
+	if (p->tgid <= 1 || p->tgid == x.cfg->daemon_tgid)
+		return 0; /* never pid 1 (systemd re-executes itself), never the daemon */
 	x.task = p;
 	st = bpf_task_storage_get(&task_budget, p->group_leader, 0, 0);
-	if (st && (st->flags & CT_TASK_EXPLICIT) && (st->state & CT_COUNTED))
-		return 0; /* an explicit SetLimit wins over every rule */
+	if (st && (st->flags & CT_TASK_EXPLICIT) && (st->state & CT_COUNTED)) {
+		__u64 cur = st->state & CT_BID_MASK;
+
+		if (bpf_map_lookup_elem(&limits, &cur))
+			return 0; /* an explicit SetLimit wins over every rule */
+	}
 	ino = bprm->file->f_inode;
 	x.ino = ino->i_ino;
 	x.dev = ino->i_sb->s_dev;
@@ -1273,11 +1279,16 @@ static __always_inline void unregister_peer(struct bpf_sock_ops *ops, struct ct_
 	tag->flags &= ~CT_SK_PEER_REG;
 }
 
+/* Callbacks of a limited socket: every RTT sample (re-divide the budget) and state changes
+ * (forget it at close); a socket with a bounded receive window also every received packet,
+ * now and then, to put the bound back: the kernel's receive-buffer tuning raises it. */
+#define CT_CB_FLAGS (BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG | \
+		     BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+#define CT_RECLAMP_EVERY 16
+
 static __always_inline void callbacks_on(struct bpf_sock_ops *ops, struct ct_sk_tag *tag)
 {
-	if (!(tag->flags & CT_SK_CB) &&
-	    !bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_RTT_CB_FLAG |
-					   BPF_SOCK_OPS_STATE_CB_FLAG))
+	if (!(tag->flags & CT_SK_CB) && !bpf_sock_ops_cb_flags_set(ops, CT_CB_FLAGS))
 		tag->flags |= CT_SK_CB;
 }
 
@@ -1311,11 +1322,20 @@ int ct_sockops(struct bpf_sock_ops *ops)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_RTT_CB:
 	case BPF_SOCK_OPS_STATE_CB:
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
 		break;
 	default:
 		return 1;
 	}
 	tag = bpf_sk_storage_get(&sk_tag, sk, 0, 0);
+	if (ops->op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB) {
+		if (tag && tag->clamp && ++tag->rx % CT_RECLAMP_EVERY == 0) {
+			int v = tag->clamp;
+
+			bpf_setsockopt(ops, SOL_TCP, TCP_WINDOW_CLAMP, &v, sizeof(v));
+		}
+		return 1;
+	}
 	if (ops->op == BPF_SOCK_OPS_STATE_CB) {
 		if (tag && (tag->flags & CT_SK_PEER_REG) && ops->args[1] == TCP_CLOSE)
 			unregister_peer(ops, tag);
@@ -1357,6 +1377,11 @@ int ct_sockops(struct bpf_sock_ops *ops)
 		if (tag->budget && (cfg->flags & CT_CFG_PEERS) && limited_download(tag))
 			register_peer(ops, tag);
 		callbacks_on(ops, tag);
+		/* caps before the SYN: a receive window bounded now never grows past it (once
+		 * advertised, a window cannot be taken back) */
+		caps_of(tag, &c, now);
+		c.cwnd = cwnd_for(c.pace, 0, ops->mss_cache);
+		APPLY_CAPS(ops, tag, c, released);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
@@ -1439,7 +1464,7 @@ int ct_iter_tcp(struct bpf_iter__tcp *ctx)
 	c.cwnd = cwnd_for(c.pace, tp->srtt_us >> 3, tp->mss_cache);
 	APPLY_CAPS(tp, tag, c, released);
 	if (c.limited && !(tag->flags & CT_SK_CB)) {
-		int f = BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG;
+		int f = CT_CB_FLAGS;
 
 		if (!bpf_setsockopt(tp, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, &f, sizeof(f)))
 			tag->flags |= CT_SK_CB;

@@ -120,7 +120,7 @@ struct ct_sk_tag {
 	__u32 paced;           /* SO_MAX_PACING_RATE last applied (0: never) */
 	__u32 clamp;           /* TCP_WINDOW_CLAMP last applied (0: never) */
 	__u32 cwnd;            /* TCP_BPF_SNDCWND_CLAMP last applied (0: never) */
-	__u32 _pad0;
+	__u32 rx;              /* packets received since the window bound was put back */
 };
 
 #define CT_SK_CB 0x1       /* sock_ops callbacks (RTT, STATE) are on */

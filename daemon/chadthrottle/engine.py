@@ -27,10 +27,10 @@ from .budgets import ORIGIN_EXPLICIT, ORIGIN_RULE, Budget, Budgets, burst_for, c
 from .errors import InvalidLimit, NoSuchLimit, NoSuchProcess, Unsupported
 from .kernel import Kernel
 from .kmatch import ExecMatcher, KernelRule
+from .safetext import printable as safe
 from .sampler import RATE_WINDOW, Sampler
 from .shaping.pacing import Pacer
 from .shaping.queues import Queues
-from .safetext import printable as safe
 from .unitlimits import UnitLimit, UnitLimits
 
 log = logging.getLogger(__name__)

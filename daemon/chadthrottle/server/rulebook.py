@@ -30,8 +30,8 @@ from ..rules.match import KernelKeys, best_rule, kernel_keys
 from ..rules.model import Rule
 from ..rules.ruleset import RuleSet
 from ..rules.store import RuleFiles
-from ..shaping.pacing import mss_for
 from ..safetext import printable as safe
+from ..shaping.pacing import mss_for
 
 log = logging.getLogger("chadthrottle.rules")
 F = names.JOURNAL_FIELD_PREFIX
