@@ -191,6 +191,12 @@ def test_gate_intercepts_calls_with_and_without_interface():
         def serve_GetPermissions(self, permissions):
             return [permissions]
 
+        def serve_ListRules(self):
+            return [[]]
+
+        def limit_owner(self, pid):
+            return None
+
     class Bus:
         sent: list = []
 
@@ -202,7 +208,9 @@ def test_gate_intercepts_calls_with_and_without_interface():
         gate = Gate(bus, Iface(), Auth())
         for iface in (names.INTERFACE, None):
             for m in MEMBERS.values():
-                body = {"u": [5], "utt": [5, 0, 0], "s": ["x"], "stt": ["x", 0, 0], "": []}
+                me = os.getpid()  # a live process: the gate opens it before asking
+                body = {"u": [me], "utt": [me, 0, 0], "s": ["x"], "stt": ["x", 0, 0], "": [],
+                        "a{sv}": [{}]}
                 msg = Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
                               interface=iface, member=m.name, signature=m.in_sig,
                               body=body[m.in_sig], serial=1, sender=":1.9")

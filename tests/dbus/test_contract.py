@@ -65,9 +65,12 @@ def test_contract_xml_matches_the_design_table():
         "ClearUnitLimit": ("s", ""), "ListProcesses": ("", "aa{sv}"),
         # DESIGN §2b (issue 10)
         "Subscribe": ("u", ""), "Unsubscribe": ("", ""), "GetPermissions": ("", "a{ss}"),
+        # DESIGN §2b (issue 9)
+        "AddRule": ("a{sv}", "s"), "RemoveRule": ("s", ""), "ListRules": ("", "aa{sv}"),
+        "Reload": ("", ""),
     }
     assert {s[0]: "".join(a[1] for a in s[1]) for s in shape["signals"]} == {
-        "LimitChanged": "utt", "LimitRemoved": "us", "Stats": "taa{sv}"}
+        "LimitChanged": "utt", "LimitRemoved": "us", "Stats": "taa{sv}", "RulesChanged": ""}
     assert shape["properties"] == [("AttachedCgroups", "as", "read"), ("Limits", "a(utt)", "read"),
                                    ("Version", "s", "read")]
 

@@ -1,9 +1,6 @@
 """chadthrottlectl rule … against the real daemon on a private bus (issue 9).
 
-The daemon's side of rules (AddRule, RemoveRule, ListRules, Reload, the ``rule`` key of
-GetStats) is wired separately; until it is, this test runs and is expected to fail at its
-first rule call (non-strict xfail, so it turns into a pass by itself once the daemon
-serves rules).  The client side is covered without a daemon by tests/unit/test_cli_rules.py.
+The client side is covered without a daemon by tests/unit/test_cli_rules.py.
 """
 
 from __future__ import annotations
@@ -49,7 +46,6 @@ def ctl(address: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.xfail(strict=False, reason="daemon side of rules not built yet")
 def test_rule_add_list_reload_remove_with_the_real_daemon(rules_daemon, system_bus,
                                                           tmp_path) -> None:
     daemon, config, _ = rules_daemon

@@ -1,10 +1,12 @@
 """chadthrottled: the root daemon serving org.chadthrottle.Throttle1 on the system bus.
 
-Start-up order: open the engine (load + attach the BPF object), connect to the system bus
-(``DBUS_SYSTEM_BUS_ADDRESS`` is honoured), export the object, install the gate, watch
-NameOwnerChanged (subscribers that leave the bus are forgotten), *then* request the name,
-then tell systemd READY=1.  SIGTERM/SIGINT: release the name, detach everything
-(engine.close()), exit 0.
+Start-up order: open the engine (load + attach the BPF object; what a crashed run left on
+network devices is removed), restore the runtime state and the rules (every limit is back
+before the name is taken), connect to the system bus (``DBUS_SYSTEM_BUS_ADDRESS`` is
+honoured), export the object, install the gate, watch NameOwnerChanged (subscribers that
+leave the bus are forgotten), *then* request the name, then tell systemd READY=1.
+SIGHUP (``systemctl reload``) re-reads the permanent rules.  SIGTERM/SIGINT: release the
+name, detach everything (engine.close()), exit 0.
 
 Sampling (once a second) runs only while something needs it: a Stats subscriber, a
 process or unit limit, ``--monitor-all``, or a client that read rates (GetStats,
@@ -89,6 +91,8 @@ class Daemon:
         self.iface = None
         self.gate = None
         self.subs = None
+        self.core = None
+        self._watch = None
         self._wake = asyncio.Event()  # the sampler: something may need samples now
         self._subs_changed = asyncio.Event()  # the Stats loop: re-plan
         self._sampling: bool | None = None  # unknown until the sampler first looks
@@ -98,10 +102,13 @@ class Daemon:
         from ..service.interface import Gate, Throttle1
         from ..service.polkit import Authorizer
         from ..service.subscriptions import Subscriptions
+        from .core import Core
+        from .dirwatch import DirWatch
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
 
         notify("STATUS=loading the BPF programs")
         self.engine = Engine(object_path=self.args.bpf_object, cgroup_root=self.args.cgroup_root,
@@ -113,11 +120,17 @@ class Daemon:
             notify(f"STATUS=cannot start: {e}")
             return EXIT_FAILURE
         try:
+            notify("STATUS=restoring limits and rules")
+            self.core = Core(self.engine, self.args.paths,
+                             on_rules_changed=self._on_rules_changed)
+            self.core.restore()
+            self._watch = DirWatch(self.core.rules.refresh_kernel)
+            self._on_rules_changed()
             notify("STATUS=connecting to the system bus")
             self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
             _grow_send_buffer(self.bus)
             self.subs = Subscriptions(on_change=self._on_subscriptions_changed)
-            self.iface = Throttle1(self.engine, loop, subscriptions=self.subs, bus=self.bus,
+            self.iface = Throttle1(self.core, loop, subscriptions=self.subs, bus=self.bus,
                                    on_demand=self._wake.set)
             self.bus.export(names.OBJECT_PATH, self.iface)
             self.gate = Gate(self.bus, self.iface, Authorizer(self.bus))
@@ -154,6 +167,25 @@ class Daemon:
         log.info("%s: detaching and exiting", signal.Signals(sig).name)
         self.stop.set()
 
+    def _on_reload(self) -> None:
+        """SIGHUP, systemctl reload: re-read the permanent rules (a broken file changes
+        nothing and is named in the journal)."""
+        log.info("SIGHUP: reloading the rules")
+        if self.iface is None:
+            return
+        try:
+            self.iface.reload()
+        except ChadthrottleError:
+            pass  # logged with the file and the key by the rule book
+        except Exception:
+            log.exception("reload failed")
+
+    def _on_rules_changed(self) -> None:
+        """Watch the directories of exe rules: a package upgrade that replaces a binary
+        gives it a new inode, which the exec matcher must know."""
+        if self._watch is not None and self.core is not None:
+            self._watch.watch(self.core.rules.watch_dirs())
+
     async def _bus_watch(self) -> None:
         await self.bus.wait_for_disconnect()
         log.error("lost the system bus connection")
@@ -182,8 +214,8 @@ class Daemon:
 
     def sampling_needed(self) -> bool:
         """A subscriber, a limit, --monitor-all, or a recent reader of rates."""
-        return bool(len(self.subs) or self.engine.list_limits()
-                    or self.engine.list_unit_limits() or self.args.monitor_all
+        return bool(len(self.subs) or len(self.engine.budgets)
+                    or len(self.engine.units) or self.args.monitor_all
                     or time.monotonic() - self.iface.last_rate_read < READ_GRACE)
 
     async def _sampler(self) -> None:
@@ -194,7 +226,7 @@ class Daemon:
                 self._sampling = needed
                 log.info("sampling %s (%d subscriber(s), %d limit(s), %d unit limit(s))",
                          "on" if needed else "off", len(self.subs),
-                         len(self.engine.list_limits()), len(self.engine.list_unit_limits()))
+                         len(self.engine.budgets), len(self.engine.units))
             if not needed:
                 await self._wake.wait()
                 continue
@@ -225,8 +257,10 @@ class Daemon:
                 log.exception("sending Stats failed")
 
     def _sample(self) -> None:
-        # per-process counters (the data behind top) are kept while every process is watched
-        self.engine.sample(traffic=self.args.monitor_all)
+        # per-process counters (the data behind top and Stats) while someone looks at them
+        self.engine.sample(traffic=bool(
+            self.args.monitor_all or len(self.subs)
+            or time.monotonic() - self.iface.last_rate_read < READ_GRACE))
 
     def _on_events(self) -> None:
         """The kernel reported something (a limit's last process exited, a rule matched)."""
@@ -239,13 +273,19 @@ class Daemon:
             if n.kind == "full":
                 log.warning("the kernel's %s map is full: a process could not be limited "
                             "(it runs unlimited)", n.detail)
+        try:
+            self.core.on_notices(notices)
+        except Exception:
+            log.exception("acting on kernel events failed")
         self.iface.announce(notices)
 
     def _diagnose(self) -> None:
         if self._diag is None:
             self._diag = Diagnostics(self.engine)
-        n = len(self.engine.list_limits())
+        n = len(self.engine.budgets.by_root)
         self._diag.emit()
+        if self.engine.queues is not None:
+            self.engine.queues.scan()  # uplinks that came up or went away
         notify(f"STATUS=serving {names.BUS_NAME}, {n} limits")
 
     _diag: Diagnostics | None = None
@@ -263,6 +303,8 @@ class Daemon:
             if self.gate is not None:
                 self.bus.remove_message_handler(self.gate)
             self.bus.disconnect()
+        if self._watch is not None:
+            self._watch.close()
         if self.engine is not None and self.engine.kernel is not None:
             try:
                 asyncio.get_running_loop().remove_reader(self.engine.events_fd)

@@ -27,6 +27,8 @@ ERROR_NAMES: dict[type[BaseException], str] = {
     # the authority could not answer: a failure of this call (retry), not a denial
     errors.AuthorizationFailed: names.ERR_FAILED,
     errors.LimitsExceeded: names.ERR_LIMITS_EXCEEDED,
+    errors.InvalidRule: names.ERR_INVALID_RULE,
+    errors.NoSuchRule: names.ERR_NO_SUCH_RULE,
 }
 
 FAILED_TEXT = "internal error; the traceback is in the daemon's journal"

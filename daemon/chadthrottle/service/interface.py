@@ -30,8 +30,8 @@ from dbus_fast.constants import ErrorType, PropertyAccess
 from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from .. import __version__, names
-from ..errors import NotAuthorized
+from .. import __version__, names, procfs
+from ..errors import InvalidRule, NoSuchProcess, NotAuthorized
 from .errors import to_dbus_error
 
 log = logging.getLogger("chadthrottle.service")
@@ -61,8 +61,13 @@ STATS_SIGNATURES: dict[str, str] = {
     "uid": "u",
     "unit": "s",
     "rule": "s",
+    # shaping state (issue 8): sockets sharing each direction's rate, the download queue
+    "download_sockets": "u",
+    "upload_sockets": "u",
+    "download_queued": "t",
+    "download_queue_dropped": "t",
 }
-_CASTS = {"u": int, "t": int, "d": float, "s": str}
+_CASTS = {"u": int, "t": int, "d": float, "s": str, "b": bool}
 
 #: names of signal and out arguments (dbus-fast does not name them; the contract does)
 SIGNAL_ARG_NAMES = {
@@ -70,12 +75,36 @@ SIGNAL_ARG_NAMES = {
     "LimitRemoved": ("pid", "reason"),
     "Stats": ("monotonic_ns", "processes"),
 }
+RULE_SIGNATURES = {**names.RULE_KEY_SIGNATURES, **names.RULE_LIST_SIGNATURES}
 OUT_ARG_NAMES = {
     "GetStats": ("stats",),
     "ListLimits": ("limits",),
     "ListProcesses": ("processes",),
     "GetPermissions": ("permissions",),
+    "AddRule": ("id",),
+    "ListRules": ("rules",),
 }
+
+
+def rule_to_variant_dict(rule, matched: int) -> dict[str, Variant]:
+    """A rule (and how many processes it limits) -> a{sv}."""
+    out = {k: Variant(RULE_SIGNATURES[k], v) for k, v in rule.to_bus().items()
+           if k in RULE_SIGNATURES}
+    out["matched"] = Variant("u", matched)
+    return out
+
+
+def rule_from_variant_dict(data) -> dict:
+    """a{sv} -> plain values, each checked against the key's contract type (the model checks
+    the rest and names the key)."""
+    out = {}
+    for key, value in data.items():
+        sig = RULE_SIGNATURES.get(key)
+        if sig is not None and value.signature != sig:
+            raise InvalidRule(f"key {key!r}: must be of D-Bus type {sig}, not "
+                              f"{value.signature}", key=key)
+        out[key] = value.value
+    return out
 
 
 def stats_to_variant_dict(st) -> dict[str, Variant]:
@@ -100,10 +129,11 @@ class Throttle1(ServiceInterface):
     ``bus`` the connection unicast Stats signals are sent on; ``on_demand`` is called when
     someone needs fresh samples (a limit was set, rates were read, a subscriber came)."""
 
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop | None = None, *,
+    def __init__(self, core, loop: asyncio.AbstractEventLoop | None = None, *,
                  subscriptions=None, bus=None, on_demand=None) -> None:
         super().__init__(names.INTERFACE)
-        self._engine = engine
+        self._core = core
+        engine = self._engine = core.engine
         self._loop = loop
         self._attached: list[str] = list(engine.attached_cgroups)
         self._subs = subscriptions
@@ -113,9 +143,11 @@ class Throttle1(ServiceInterface):
         self._limits_pending = False
 
     # ----------------------------------------------------------------- translations
-    def serve_SetLimit(self, pid: int, download: int, upload: int) -> list:
+    def serve_SetLimit(self, pid: int, download: int, upload: int, *,
+                       process: procfs.Process | None = None, caller_uid: int = 0) -> list:
         had = self._engine.limit_of(pid) is not None
-        lim = self._engine.set_limit(pid, download, upload)
+        lim = self._core.set_limit(pid, download, upload, process=process,
+                                   owner_uid=caller_uid)
         if lim is None:  # "both 0 removes it"
             if had:
                 self.LimitRemoved(pid, names.REASON_CLEARED)
@@ -126,8 +158,9 @@ class Throttle1(ServiceInterface):
         self._attached_maybe_changed()
         return []
 
-    def serve_ClearLimit(self, pid: int) -> list:
-        self._engine.clear_limit(pid)
+    def serve_ClearLimit(self, pid: int, *, process: procfs.Process | None = None,
+                         caller_uid: int = 0) -> list:
+        self._core.clear_limit(pid)
         self.LimitRemoved(pid, names.REASON_CLEARED)
         self._limits_changed()
         return []
@@ -139,15 +172,42 @@ class Throttle1(ServiceInterface):
     def serve_ListLimits(self) -> list:
         return [[[lim.pid, lim.download, lim.upload] for lim in self._engine.list_limits()]]
 
-    def serve_SetUnitLimit(self, unit: str, download: int, upload: int) -> list:
-        self._engine.set_unit_limit(unit, download, upload)
+    def serve_SetUnitLimit(self, unit: str, download: int, upload: int, *,
+                           caller_uid: int = 0) -> list:
+        self._core.set_unit_limit(unit, download, upload, owner_uid=caller_uid)
         self._on_demand()
         self._attached_maybe_changed()
         return []
 
-    def serve_ClearUnitLimit(self, unit: str) -> list:
-        self._engine.clear_unit_limit(unit)
+    def serve_ClearUnitLimit(self, unit: str, *, caller_uid: int = 0) -> list:
+        self._core.clear_unit_limit(unit)
         return []
+
+    # ----------------------------------------------------------------- rules
+    def serve_AddRule(self, rule, *, caller_uid: int = 0) -> list:
+        rule_id = self._core.add_rule(rule_from_variant_dict(rule))
+        self.RulesChanged()
+        self._limits_changed()
+        return [rule_id]
+
+    def serve_RemoveRule(self, rule_id: str, *, caller_uid: int = 0) -> list:
+        self._core.remove_rule(rule_id)
+        self.RulesChanged()
+        self._limits_changed()
+        return []
+
+    def serve_ListRules(self) -> list:
+        return [[rule_to_variant_dict(r, n) for r, n in self._core.list_rules()]]
+
+    def serve_Reload(self, *, caller_uid: int = 0) -> list:
+        self.reload()
+        return []
+
+    def reload(self) -> None:
+        """Reload, from the bus or from SIGHUP: InvalidRule leaves everything as it was."""
+        self._core.reload()
+        self.RulesChanged()
+        self._limits_changed()
 
     def serve_ListProcesses(self) -> list:
         self._rates_read()
@@ -177,6 +237,10 @@ class Throttle1(ServiceInterface):
 
     def serve_GetPermissions(self, permissions: dict[str, str]) -> list:
         return [dict(permissions)]
+
+    def limit_owner(self, pid: int) -> tuple[str, int] | None:
+        """(origin, setter's uid) of the limit on pid, or None: what authorization needs."""
+        return self._core.limit_owner(pid)
 
     def forget_caller(self, name: str) -> None:
         """A unique name left the bus."""
@@ -290,6 +354,26 @@ class Throttle1(ServiceInterface):
     def _get_permissions(self) -> "a{ss}":  # noqa: F821, F722
         raise _Ungated()
 
+    @method(name="AddRule")
+    def _add_rule(self, rule: "a{sv}") -> "s":  # noqa: F821, F722
+        raise _Ungated()
+
+    @method(name="RemoveRule")
+    def _remove_rule(self, id: "s") -> "":  # noqa: F821, F722, A002
+        raise _Ungated()
+
+    @method(name="ListRules")
+    def _list_rules(self) -> "aa{sv}":  # noqa: F821, F722
+        raise _Ungated()
+
+    @method(name="Reload")
+    def _reload(self) -> "":  # noqa: F821, F722
+        raise _Ungated()
+
+    @signal()
+    def RulesChanged(self) -> "":  # noqa: F821, F722
+        return None
+
     @signal()
     def LimitChanged(self, pid, download, upload) -> "utt":  # noqa: F821, F722
         return [pid, download, upload]
@@ -353,8 +437,14 @@ MEMBERS: dict[str, Member] = {
         Member("Subscribe", "u", "", False, caller="sender+uid"),
         Member("Unsubscribe", "", "", False, caller="sender"),
         Member("GetPermissions", "", "a{ss}", False, caller="permissions"),
+        Member("AddRule", "a{sv}", "s", True),
+        Member("RemoveRule", "s", "", True),
+        Member("ListRules", "", "aa{sv}", False),
+        Member("Reload", "", "", True),
     )
 }
+#: mutating members that change rules (polkit: manage-rules), not a process or a unit
+RULE_MEMBERS = frozenset({"AddRule", "RemoveRule", "Reload"})
 
 
 class Gate:
@@ -427,10 +517,10 @@ class Gate:
         if wants_reply:
             self._bus.send(reply)
 
-    def _reply(self, msg: Message, member: Member, *extra) -> Message:
+    def _reply(self, msg: Message, member: Member, *extra, **kw) -> Message:
         """Run the translation of an authorized call; the reply or the translated error."""
         try:
-            body = getattr(self._iface, "serve_" + member.name)(*extra, *msg.body)
+            body = getattr(self._iface, "serve_" + member.name)(*extra, *msg.body, **kw)
             return Message.new_method_return(msg, member.out_sig, body)
         except Exception as exc:  # noqa: BLE001 - translated in the one place
             err = to_dbus_error(exc, member=member.name)
@@ -438,22 +528,46 @@ class Gate:
             return Message.new_error(msg, err.type, err.text)
 
     async def _serve(self, msg: Message, member: Member, wants_reply: bool) -> None:
+        """A change: authorized first, then made.  A process is opened (pidfd) before it is
+        authorized, its owner read through that handle, and the change made on that very
+        handle, after checking it still is the same process (issue 7, item 7)."""
+        proc: procfs.Process | None = None
         try:
             interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
-            if member.in_sig.startswith("u"):
-                await self._auth.authorize_change(
-                    msg.sender, pid=int(msg.body[0]), interactive=interactive)
+            kw: dict = {}
+            if member.name in RULE_MEMBERS:
+                uid = await self._auth.authorize_change(msg.sender, rules=True,
+                                                        interactive=interactive)
+            elif member.in_sig.startswith("u"):
+                pid = int(msg.body[0])
+                try:
+                    proc = procfs.open_process(pid)
+                except NoSuchProcess:
+                    # no such process (or pid 0, a kernel thread): only root or limit-any
+                    # gets as far as the engine, which names the error (a bad rate first)
+                    proc = None
+                target_uid = proc.uid() if proc is not None else None
+                uid = await self._auth.authorize_change(
+                    msg.sender, pid=pid, target_uid=target_uid,
+                    limit=self._iface.limit_owner(pid), interactive=interactive)
+                if proc is not None and not proc.alive():
+                    raise NoSuchProcess(f"process {pid} exited")
+                kw["process"] = proc
             elif member.in_sig.startswith("s"):
-                await self._auth.authorize_change(
+                uid = await self._auth.authorize_change(
                     msg.sender, unit=str(msg.body[0]), interactive=interactive)
             else:  # pragma: no cover - every mutating member names a target
                 raise NotAuthorized("default deny")
+            kw["caller_uid"] = uid
         except Exception as exc:  # noqa: BLE001 - translated in the one place
             err = to_dbus_error(exc, member=member.name)
             log.debug("%s from %s -> %s: %s", member.name, msg.sender, err.type, err.text)
             reply = Message.new_error(msg, err.type, err.text)
         else:
-            reply = self._reply(msg, member)
+            reply = self._reply(msg, member, **kw)
+        finally:
+            if proc is not None:
+                proc.close()
         if wants_reply:
             self._bus.send(reply)
 

@@ -88,25 +88,21 @@ class Answer:
     challenge: bool
 
 
-def process_uid(pid: int) -> int | None:
-    """Real uid of ``pid``, or None when the process does not exist or cannot be read."""
-    if pid <= 0:
-        return None
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+def action_for(caller_uid: int, target_uid: int | None,
+               limit: tuple[str, int] | None = None) -> str:
+    """The polkit action a non-root caller needs to change a limit on a target.
 
-
-def action_for(caller_uid: int, target_uid: int | None) -> str:
-    """The polkit action a non-root caller needs to change a limit on a target."""
-    if target_uid is not None and target_uid == caller_uid:
-        return names.POLKIT_ACTION_LIMIT_OWN
-    return names.POLKIT_ACTION_LIMIT_ANY
+    ``limit`` is (origin, uid of who set it) of a limit the target has now.  A user may
+    change limits of their own processes (limit-own) — but not a limit someone else set
+    (root, an admin) or a rule made: changing or clearing those needs limit-any, whoever
+    owns the process (issue 7, item 3)."""
+    if target_uid is None or target_uid != caller_uid:
+        return names.POLKIT_ACTION_LIMIT_ANY
+    if limit is not None:
+        origin, owner_uid = limit
+        if origin != "explicit" or owner_uid != caller_uid:
+            return names.POLKIT_ACTION_LIMIT_ANY
+    return names.POLKIT_ACTION_LIMIT_OWN
 
 
 def _error_text(reply: Message) -> str:
@@ -285,19 +281,26 @@ class Authorizer:
 
     async def authorize_change(
         self, sender: str | None, *, pid: int | None = None, unit: str | None = None,
-        interactive: bool = False,
+        rules: bool = False, target_uid: int | None = None,
+        limit: tuple[str, int] | None = None, interactive: bool = False,
     ) -> int:
         """Authorize a mutating call; returns the caller's uid or raises NotAuthorized
-        (or AuthorizationFailed when the authority could not answer)."""
+        (or AuthorizationFailed when the authority could not answer).
+
+        pid: a process limit, with the owner of the process (``target_uid``, read by the
+        caller through a pidfd opened before this call) and the limit it has now (``limit``:
+        origin and setter); unit: a unit limit; rules: AddRule, RemoveRule, Reload."""
         if not sender:
             raise NotAuthorized("the message has no sender")
         with self._queued_for(sender):
             uid = await self.caller_uid(sender)
             if uid == 0:
                 return uid
-            if pid is not None:
-                target_uid = process_uid(pid)
-                action = action_for(uid, target_uid)
+            if rules:
+                action = names.POLKIT_ACTION_MANAGE_RULES
+                details: dict[str, str] = {}
+            elif pid is not None:
+                action = action_for(uid, target_uid, limit)
                 details = {"pid": str(pid)}
                 if target_uid is not None:
                     details["target_uid"] = str(target_uid)

@@ -15,13 +15,19 @@ queue never overflows.  What the daemon adds, only while some limit has a downlo
 
 Everything is removed when the last download limit goes and when the daemon stops; a daemon
 starting after a crash removes what a previous one left (recognised by the names above).
+
+Netlink is spoken through pyroute2, on a thread of its own (its synchronous API runs an
+event loop of its own, which cannot nest in the daemon's): every public method hands its
+work to that thread and waits for it, so callers see plain synchronous calls.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .. import libbpf, names
@@ -58,6 +64,14 @@ def _ipr():
     return IPRoute()
 
 
+def _on_net_thread(fn):
+    """Run the method on the queues' netlink thread and wait for its result."""
+    @functools.wraps(fn)
+    def run(self, *args, **kw):
+        return self._worker.submit(fn, self, *args, **kw).result()
+    return run
+
+
 class Queues:
     def __init__(self, kernel) -> None:
         self._kernel = kernel
@@ -67,6 +81,7 @@ class Queues:
         self._wanted: dict[int, int] = {}  # every limit with a download rate -> its rate
         self._free = list(range(LAST_MINOR, FIRST_MINOR - 1, -1))
         self._ipr = None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self.refused: dict[str, str] = {}  # device -> why it has no queue
 
     # -- the devices -------------------------------------------------------------------
@@ -75,6 +90,7 @@ class Queues:
             self._ipr = _ipr()
         return self._ipr
 
+    @_on_net_thread
     def cleanup_leftovers(self) -> int:
         """Remove what an earlier daemon left (a crash): our filters, the clsact qdiscs
         holding nothing else, our ifb devices.  Returns how many things were removed."""
@@ -204,9 +220,13 @@ class Queues:
                 log.warning("removing %s%d: %s", names.IFB_PREFIX, up.index, exc)
         log.info("download queue on %s removed", up.name)
 
+    @_on_net_thread
     def scan(self) -> None:
         """Queues on uplinks that came up (while a download limit exists); forget those that
         went away."""
+        self._scan()
+
+    def _scan(self) -> None:
         if not self._wanted:
             return
         present = {link["index"]: link for link in self._candidates()}
@@ -230,6 +250,7 @@ class Queues:
             ipr.tc("replace", "pfifo", up.ifb, minor << 16, parent=handle, limit=packets)
             up.classes.add(minor)
 
+    @_on_net_thread
     def class_needed(self, key: int, unit: bool, rate: int) -> None:
         """Packets of a limit with a download rate came from a remote sender."""
         ckey = key | CLASS_KEY_UNIT if unit else key
@@ -246,13 +267,14 @@ class Queues:
         libbpf.map_update(self._kernel.fd(names.MAP_DL_CLASS), ctypes.c_uint64(ckey),
                           ctypes.c_uint32(self._minor[ckey]))
 
+    @_on_net_thread
     def changed(self, key: int, unit: bool, rate: int) -> None:
         """A limit was made or changed with this download rate (0: it has none, or it is
         gone).  The devices exist while some limit has a download rate."""
         ckey = key | CLASS_KEY_UNIT if unit else key
         if rate:
             self._wanted[ckey] = rate
-            self.scan()
+            self._scan()
         else:
             self._wanted.pop(ckey, None)
         minor = self._minor.get(ckey)
@@ -273,8 +295,9 @@ class Queues:
                     up.classes.discard(minor)
             self._free.append(minor)
         if not self._wanted and self._uplinks:
-            self.close()
+            self._close()
 
+    @_on_net_thread
     def stats(self, key: int, unit: bool = False) -> tuple[int, int]:
         """(bytes queued now, packets dropped by the queue) of a limit, over its devices."""
         minor = self._minor.get(key | CLASS_KEY_UNIT if unit else key)
@@ -294,7 +317,13 @@ class Queues:
         return sorted(f"{up.name}->{names.IFB_PREFIX}{up.index}" for up in self._uplinks.values())
 
     def close(self) -> None:
-        """Remove everything this run added."""
+        """Remove everything this run added, and end the netlink thread."""
+        try:
+            self._worker.submit(self._close, True).result()
+        finally:
+            self._worker.shutdown()
+
+    def _close(self, final: bool = False) -> None:
         for up in list(self._uplinks.values()):
             self._uninstall(up)
         self._uplinks.clear()
@@ -307,7 +336,7 @@ class Queues:
         self._rate.clear()
         self.refused.clear()
         self._free = list(range(LAST_MINOR, FIRST_MINOR - 1, -1))
-        if self._ipr is not None:
+        if final and self._ipr is not None:
             self._ipr.close()
             self._ipr = None
 

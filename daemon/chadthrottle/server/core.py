@@ -1,0 +1,152 @@
+"""What the bus layer calls: the engine's operations, with what the daemon adds around
+them — rules, and the runtime state that survives a restart.
+
+The bus layer translates and decides nothing; the engine is mechanism and knows no files.
+This class is where a change becomes durable (written to the state dir before the reply
+goes out) and where the rules meet the engine (through the RuleBook).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .. import names, procfs
+from ..engine import NOTICE_EXEC, NOTICE_EXITED, NOTICE_MOVED, NOTICE_RULE, Engine, Limit
+from ..errors import ChadthrottleError, NoSuchProcess
+from ..rules.model import Rule
+from ..state import StateDir, StoredLimit, StoredUnitLimit, restorable
+from .rulebook import RuleBook
+
+log = logging.getLogger("chadthrottle.server")
+F = names.JOURNAL_FIELD_PREFIX
+ORIGIN_SETLIMIT = "SetLimit"
+ORIGIN_SETUNITLIMIT = "SetUnitLimit"
+
+
+class Core:
+    def __init__(self, engine: Engine, paths, *, on_rules_changed=lambda: None) -> None:
+        self.engine = engine
+        self.state = StateDir(paths.state_dir)
+        self.rules = RuleBook(engine, paths.rules_dir, on_change=on_rules_changed)
+
+    # ---- start: everything back before the bus name is taken ----------------------------
+    def restore(self) -> dict[str, int]:
+        """Limits set with SetLimit and SetUnitLimit, and the runtime rules, as the last run
+        left them; a process is limited again only if it is the very same (start time)."""
+        t0 = time.monotonic()
+        loaded = self.state.load()
+        for problem in loaded.problems:
+            log.warning("state: %s", problem)
+        keep, drop = restorable(loaded.state.limits)
+        for lim, why in drop:
+            log.info("limit of PID %d not restored: %s", lim.pid, why)
+            self.state.drop_limit(lim.pid)
+        restored = 0
+        for lim in keep:
+            try:
+                self.engine.set_limit(lim.pid, lim.download, lim.upload,
+                                      start_time=lim.start_time, owner_uid=lim.uid)
+                restored += 1
+            except ChadthrottleError as e:
+                log.info("limit of PID %d not restored: %s", lim.pid, e)
+                self.state.drop_limit(lim.pid)
+        units = 0
+        for u in loaded.state.unit_limits:
+            try:
+                self.engine.set_unit_limit(u.unit, u.download, u.upload)
+                units += 1
+            except ChadthrottleError as e:
+                log.info("limit of %s not restored: %s", u.unit, e)
+                self.state.drop_unit(u.unit)
+        self.rules.start(loaded.state.rules)
+        counts = {"limits": restored, "unit_limits": units, "rules": len(self.rules.rules),
+                  "ms": round((time.monotonic() - t0) * 1000)}
+        log.info("state restored: %(limits)d limit(s), %(unit_limits)d unit limit(s), "
+                 "%(rules)d rule(s) in %(ms)d ms", counts)
+        return counts
+
+    # ---- limits --------------------------------------------------------------------------
+    def set_limit(self, pid: int, download: int, upload: int, *,
+                  process: procfs.Process | None = None, owner_uid: int = 0) -> Limit | None:
+        lim = self.engine.set_limit(pid, download, upload, process=process, owner_uid=owner_uid)
+        if lim is None:
+            self.state.drop_limit(pid)
+        else:
+            self.state.put_limit(StoredLimit(pid=lim.pid, start_time=lim.start_time,
+                                             download=lim.download, upload=lim.upload,
+                                             uid=owner_uid, origin=ORIGIN_SETLIMIT))
+        return lim
+
+    def clear_limit(self, pid: int) -> None:
+        self.engine.clear_limit(pid)
+        self.state.drop_limit(pid)
+
+    def set_unit_limit(self, unit: str, download: int, upload: int, *, owner_uid: int = 0):
+        ul = self.engine.set_unit_limit(unit, download, upload)
+        if ul is None:
+            self.state.drop_unit(unit)
+        else:
+            self.state.put_unit(StoredUnitLimit(unit=ul.cgroup, download=download,
+                                                upload=upload, uid=owner_uid,
+                                                origin=ORIGIN_SETUNITLIMIT))
+        return ul
+
+    def clear_unit_limit(self, unit: str) -> None:
+        self.engine.clear_unit_limit(unit)
+        try:
+            self.state.drop_unit(self.engine.cg.resolve(unit))
+        except ChadthrottleError:
+            self.state.drop_unit(unit)
+
+    def limit_owner(self, pid: int) -> tuple[str, int] | None:
+        """(origin, uid of who set it) of the limit on pid, for authorization."""
+        lim = self.engine.limit_of(pid)
+        return (lim.origin, lim.owner_uid) if lim is not None else None
+
+    # ---- rules ---------------------------------------------------------------------------
+    def add_rule(self, data: dict[str, Any]) -> str:
+        rule = self.rules.add(Rule.from_bus(data))
+        if not rule.permanent:
+            self.state.put_rule(rule)
+        else:
+            self.state.drop_rule(rule.id)
+        log.info("rule %s added (%s)", rule.id, "permanent" if rule.permanent else "runtime",
+                 extra={"journal": {F + "RULE": rule.id, F + "KIND": "rule-add"}})
+        return rule.id
+
+    def remove_rule(self, rule_id: str) -> None:
+        rule = self.rules.remove(rule_id)
+        if not rule.permanent:
+            self.state.drop_rule(rule_id)
+        log.info("rule %s removed", rule_id,
+                 extra={"journal": {F + "RULE": rule_id, F + "KIND": "rule-remove"}})
+
+    def list_rules(self) -> list[tuple[Rule, int]]:
+        return self.rules.listing()
+
+    def reload(self) -> None:
+        self.rules.reload()
+
+    # ---- what the kernel reported ----------------------------------------------------------
+    def on_notices(self, notices) -> None:
+        for n in notices:
+            if n.kind == NOTICE_EXITED:
+                self.state.drop_limit(n.pid)
+                if n.rule:
+                    self.rules.journal_exit(n.rule, n.pid)
+            elif n.kind == NOTICE_MOVED:
+                self.state.drop_limit(n.pid)
+                lim = self.engine.limit_of(n.other)
+                if lim is not None and lim.origin == "explicit":
+                    self.state.put_limit(StoredLimit(
+                        pid=lim.pid, start_time=lim.start_time, download=lim.download,
+                        upload=lim.upload, uid=lim.owner_uid, origin=ORIGIN_SETLIMIT))
+            elif n.kind == NOTICE_RULE:
+                self.rules.journal_start(n.rule, n.pid)
+            elif n.kind == NOTICE_EXEC:
+                try:
+                    self.rules.on_exec(n.pid)
+                except NoSuchProcess:
+                    pass
