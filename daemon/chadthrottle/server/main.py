@@ -3,7 +3,9 @@
 Start-up order: open the engine (load + attach the BPF object), connect to the system bus
 (``DBUS_SYSTEM_BUS_ADDRESS`` is honoured), export the object, install the gate, *then*
 request the name, then tell systemd READY=1.  SIGTERM/SIGINT: release the name, detach
-everything (engine.close()), exit 0.
+everything (engine.close()), exit 0.  SIGHUP (``systemctl reload``): re-read the
+configuration; there is none to re-read yet, so it is logged and the daemon carries on (the
+default action of SIGHUP would end it, and systemd counts that as a clean exit: no restart).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
 
         notify("STATUS=loading the BPF programs")
         self.engine = Engine(object_path=self.args.bpf_object, cgroup_root=self.args.cgroup_root,
@@ -119,6 +122,9 @@ class Daemon:
     def _on_signal(self, sig: int) -> None:
         log.info("%s: detaching and exiting", signal.Signals(sig).name)
         self.stop.set()
+
+    def _on_reload(self) -> None:
+        log.info("SIGHUP: reload requested (no configuration to re-read yet)")
 
     async def _bus_watch(self) -> None:
         await self.bus.wait_for_disconnect()
