@@ -220,6 +220,19 @@ def test_systemctl_status_shows_ready_and_status_line(machine):
     assert show(m, "Type")["Type"] == "notify"
 
 
+def test_chadthrottlectl_works_with_the_debian_packages(machine):
+    """The CLI installed by make install runs on bookworm's python3-dbus-fast and
+    python3-rich (the runtime dependencies come from the Debian packages, not pip)."""
+    m = machine
+    ensure_running(m)
+    ver = m.run("dpkg-query -W -f='${Version}' python3-dbus-fast").out
+    r = m.run("chadthrottlectl list --json", check=False)
+    assert r.ok, f"chadthrottlectl with python3-dbus-fast {ver}:\n{r}"
+    assert isinstance(json.loads(r.out), list), r.out
+    r = m.run("chadthrottlectl list", check=False)
+    assert r.ok, f"chadthrottlectl (rich output) with python3-rich:\n{r}"
+
+
 # ---- 3. a limit holds a real transfer ----------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=PIDNS)
