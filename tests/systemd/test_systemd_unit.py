@@ -6,8 +6,8 @@ Each test brings the daemon to the state it needs (``ensure_running``), so one f
 not hide the next.  Everything inside runs through the container's own systemctl, dbus-send,
 journalctl, bpftool, tc and ip.
 
-Two checks are expected to fail today (strict xfail, so they turn red the day they pass and
-the marker must go) because the daemon runs in the container's own PID and cgroup
+Three checks are expected to fail today (strict xfail, so they turn red the day they pass
+and the marker must go) because the daemon runs in the container's own PID and cgroup
 namespaces, which the engine does not handle yet — see PIDNS and CGROUPNS below.  One waits
 for a feature being built elsewhere (PERSISTENCE).
 """
@@ -47,8 +47,8 @@ PIDNS = (
 CGROUPNS = (
     "finding: in a cgroup namespace the daemon counts a unit cgroup's level from the namespace "
     "root (/system.slice/x.service = 2), but bpf_skb_ancestor_cgroup_id() counts from the "
-    "real root (here 4 levels deeper), so a unit limit never matches. Needs the level of the "
-    "namespace root added."
+    "real root (here 2 levels deeper, below /chadthrottle-test-*/payload), so a unit limit "
+    "never matches. Needs the level of the namespace root added."
 )
 PERSISTENCE = ("limits do not survive a restart yet: the persistence feature is being built; "
                "remove this marker when it lands")
