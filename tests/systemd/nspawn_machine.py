@@ -462,3 +462,31 @@ class Machine:
         if self.nspawn is not None and self.nspawn.poll() is None:
             out.append(f"systemd-nspawn still running: pid {self.nspawn.pid}")
         return out
+
+
+# ---- what the tests need around the machine ------------------------------------------------
+
+def cannot_run_containers() -> str | None:
+    if os.geteuid() != 0:
+        return "booting a container needs root"
+    p = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--net", "--uts", "--ipc",
+                        "--cgroup", "true"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"this machine refuses new namespaces: {p.stderr.strip()}"
+    return None
+
+
+def install(m: Machine) -> None:
+    """As the README says: make install (PREFIX=/usr/local), then daemon-reload and
+    reload dbus.  No compiler in the tree: make must not try to rebuild the object."""
+    clang = m.run("command -v clang", check=False)
+    assert not clang.ok, "the container tree must not have clang (the object ships prebuilt)"
+    r = m.run(f"cd {SRC_IN_CONTAINER} && make install", timeout=300, check=False)
+    assert r.ok, f"make install failed inside the container:\n{r}"
+    assert "CLANG" not in r.out, f"make install tried to rebuild the BPF object:\n{r}"
+    for path in ("/usr/local/bin/chadthrottled", "/usr/local/bin/chadthrottlectl",
+                 "/usr/local/lib/systemd/system/chadthrottled.service",
+                 "/usr/share/dbus-1/system-services/org.chadthrottle.Throttle1.service",
+                 "/usr/share/dbus-1/system.d/org.chadthrottle.Throttle1.conf"):
+        assert m.run(f"test -e {path}", check=False).ok, f"make install did not install {path}"
+    m.run("systemctl daemon-reload && systemctl reload dbus")

@@ -1,7 +1,10 @@
 """Issue 11, item 1: chadthrottled under a real systemd, as a user meets it.
 
 systemd 252 runs as PID 1 in a container on this machine (nspawn_machine.py: how it boots and
-what BPF needed inside); the project is installed in it with ``make install`` (conftest.py).
+what BPF needed inside); the ``machine`` fixture installs the project in it with
+``make install`` and tears it all down, failing the run if anything is left on the host.
+Skipped only where containers cannot run (not root, or namespaces refused), with the reason.
+No conftest.py here on purpose: tests/dbus imports its own ``conftest`` module by name.
 Each test brings the daemon to the state it needs (``ensure_running``), so one failure does
 not hide the next.  Everything inside runs through the container's own systemctl, dbus-send,
 journalctl, bpftool, tc and ip.
@@ -16,13 +19,30 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
-from nspawn_machine import Machine, MachineError, Result
+from nspawn_machine import (
+    Machine,
+    MachineError,
+    Result,
+    cannot_run_containers,
+    copy_source,
+    ensure_tree,
+    install,
+)
 
 from chadthrottle import names
 
+ROOT = Path(__file__).resolve().parents[2]
+BPF_OBJECT = "daemon/chadthrottle/data/throttle.bpf.o"
+#: the built clone: the object and the header it was built from (same mtimes as on the host)
+BUILT_FILES = (BPF_OBJECT, "bpf/vmlinux.h")
+HOST_TOOLS = ("mmdebstrap", "systemd-nspawn", "nsenter", "git", "ip")
 UNIT = "chadthrottled"
 DEST = names.BUS_NAME
 OBJ = names.OBJECT_PATH
@@ -171,6 +191,60 @@ def cgroup_attached(m: Machine) -> dict[int, str]:
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
+
+def _say(request, text: str) -> None:
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(f"[systemd] {text}")
+    else:
+        print(f"[systemd] {text}", file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def machine(request):
+    reason = cannot_run_containers()
+    if reason:
+        _say(request, f"skipped: {reason}")
+        pytest.skip(reason)
+    missing = [t for t in HOST_TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing on the host: {', '.join(missing)} (make deps installs mmdebstrap "
+                    "and systemd-container)")
+    if not (ROOT / BPF_OBJECT).exists():
+        pytest.fail(f"{BPF_OBJECT} missing: run `make build` (the object is built on the host "
+                    "and shipped as package data)")
+    t0 = time.monotonic()
+    failed_before = request.session.testsfailed
+    try:
+        tree, build_s = ensure_tree(lambda s: _say(request, s))
+    except MachineError as e:
+        pytest.fail(str(e))
+    _say(request, f"tree {tree} " + (f"built in {build_s:.1f} s" if build_s else "(cached)"))
+    source = Path(tempfile.mkdtemp(prefix="chadthrottle-src-"))
+    m = Machine(tree, source, log=lambda s: _say(request, s))
+    try:
+        copy_source(ROOT, source, BUILT_FILES)
+        boot_s = m.boot()
+        _say(request, f"booted systemd as PID 1 in {boot_s:.1f} s")
+        install(m)
+        m.baseline = m.network_state()
+        _say(request, f"ready after {time.monotonic() - t0:.1f} s")
+        yield m
+    finally:
+        journal = ""
+        if m.leader is not None and request.session.testsfailed > failed_before:
+            journal = m.run("journalctl -b --no-pager -n 150 -o short-monotonic",
+                            check=False).out
+        forced = m.teardown()
+        left = m.leftovers()
+        _say(request, f"torn down; the whole module took {time.monotonic() - t0:.1f} s")
+        if journal:
+            _say(request, "last journal lines of the container:\n" + journal)
+        for line in forced:
+            _say(request, f"teardown: {line}")
+        if left:
+            pytest.fail("the container left things on the host:\n" + "\n".join(left))
+
 
 @pytest.fixture(scope="module")
 def web(machine):
