@@ -193,11 +193,14 @@ def cgroup_attached(m: Machine) -> dict[int, str]:
 # ---- fixtures ----------------------------------------------------------------------------------
 
 def _say(request, text: str) -> None:
+    """A line in the run's output even under capture (timings, teardown, the skip reason)."""
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(f"[systemd] {text}")
-    else:
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is None or capman is None:
         print(f"[systemd] {text}", file=sys.stderr)
+        return
+    with capman.global_and_fixture_disabled():
+        tr.write_line(f"[systemd] {text}")
 
 
 @pytest.fixture(scope="module")
@@ -585,7 +588,7 @@ def test_a_daemon_that_cannot_start_gives_up(machine):
 
 # ---- 9. the hardening is in force --------------------------------------------------------------
 
-def test_hardening_is_in_force_on_the_running_unit(machine):
+def test_hardening_is_in_force_on_the_running_unit(machine, request):
     m = machine
     pid = ensure_running(m)
     r = m.run(f"systemd-analyze security {UNIT} --no-pager", check=False)
@@ -593,7 +596,8 @@ def test_hardening_is_in_force_on_the_running_unit(machine):
                       r.out)
     assert found, f"no exposure figure:\n{r}"
     exposure = float(found.group(1))
-    print(f"systemd-analyze security {UNIT} (running): {exposure} {found.group(2)}")
+    _say(request, f"systemd-analyze security {UNIT} (running): exposure {exposure} "
+                  f"{found.group(2)}")
     assert exposure <= EXPOSURE_MAX, (
         f"exposure {exposure} > {EXPOSURE_MAX}:\n"
         + "\n".join(ln for ln in r.out.splitlines() if ln.startswith("✗")))
