@@ -26,7 +26,11 @@ PLOT        ?=
 PYTEST_ARGS ?=
 
 APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 curl dbus polkitd pkexec \
-                libsystemd-dev pkg-config python3-venv iproute2 systemd zsh
+                libsystemd-dev pkg-config python3-venv iproute2 systemd zsh \
+                mmdebstrap systemd-container
+# pinned to the installed systemd (package=the package whose version it takes), or apt would
+# upgrade systemd itself
+APT_PINNED   := libsystemd-dev=libsystemd0 systemd-container=systemd
 # the desktop applet (GTK 4 + libadwaita for the system's python3) and its headless tests
 APT_GUI_PACKAGES := python3-gi python3-gi-cairo gir1.2-gtk-4.0 gir1.2-adw-1 librsvg2-common \
                     xvfb at-spi2-core python3-pyatspi gir1.2-atspi-2.0 libglib2.0-bin \
@@ -41,8 +45,9 @@ $(VENV)/.apt-stamp:
 	@echo "  APT   $(APT_PACKAGES)"
 	$(Q)missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
+	  pins=$$(for p in $(APT_PINNED); do echo "$${p%%=*}=$$(dpkg-query -W -f='$${Version}' $${p#*=})"; done); \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    $$missing libsystemd-dev=$$(dpkg-query -W -f='$${Version}' libsystemd0) >/dev/null; \
+	    $$missing $$pins >/dev/null; \
 	fi
 	$(Q)mkdir -p $(VENV) && touch $@
 
@@ -116,7 +121,9 @@ PIP_PREFIX        = $(if $(and $(filter 1,$(PY_DEB_LOCAL)),$(filter %/local,$(PR
 PIP_ENV           = $(if $(filter 1,$(PY_DEB_LOCAL)),$(if $(filter %/local,$(PREFIX)),,DEB_PYTHON_INSTALL_LAYOUT=deb))
 PIP_SYSTEM_FLAGS  = $(shell $(INSTALL_PYTHON) -m pip install --help 2>/dev/null | grep -q -- --break-system-packages && echo --break-system-packages)
 
-install: build
+# Needs the BPF object only, not the toolchain: a built clone installs on a machine without
+# clang or apt access (the object is rebuilt only when it is missing or older than its sources).
+install: $(BPF_OBJ)
 	$(Q)$(PIP_ENV) $(INSTALL_PYTHON) -m pip install -q --root "$(if $(DESTDIR),$(DESTDIR),/)" --prefix "$(PIP_PREFIX)" \
 	  --no-deps --no-build-isolation --no-warn-script-location $(PIP_SYSTEM_FLAGS) .
 	$(Q)install -Dm644 packaging/chadthrottled.service $(DESTDIR)$(UNITDIR)/chadthrottled.service

@@ -5,7 +5,8 @@ network devices is removed), restore the runtime state and the rules (every limi
 before the name is taken), connect to the system bus (``DBUS_SYSTEM_BUS_ADDRESS`` is
 honoured), export the object, install the gate, watch NameOwnerChanged (subscribers that
 leave the bus are forgotten), *then* request the name, then tell systemd READY=1.
-SIGHUP (``systemctl reload``) re-reads the permanent rules.  SIGTERM/SIGINT: release the
+SIGHUP (``systemctl reload``) re-reads the permanent rules (its default action would end
+the daemon, and systemd counts that as a clean exit: no restart).  SIGTERM/SIGINT: release the
 name, detach everything (engine.close()), exit 0.
 
 Sampling (once a second) runs only while something needs it: a Stats subscriber, a
