@@ -1149,6 +1149,10 @@ struct caps {
 	__u32 cwnd;    /* TCP_BPF_SNDCWND_CLAMP (segments), 0 for none */
 };
 
+/* caps.limited of a record iter/tcp writes when it registered a connection for pacing its
+ * sender: run it once more (the sender may come earlier in the iteration) */
+#define CT_CAPS_AGAIN 2
+
 /* Segments a paced sender may have in flight: twice what its share needs over the RTT,
  * and never fewer than CT_MIN_CWND.  Without it, on short RTTs TCP builds one super-packet
  * of its whole window (up to 64 KB) and the pace shows as lumps; with it, each packet the
@@ -1560,6 +1564,32 @@ int ct_iter_tcp(struct bpf_iter__tcp *ctx)
 	if (!tag || !(tag->budget || tag->peer_budget || tag->unit || tag->paced ||
 		      tag->clamp))
 		return 0;
+	if (tag->budget && !(tag->flags & CT_SK_PEER_REG) && (cfg->flags & CT_CFG_PEERS) &&
+	    limited_download(tag) && skc->skc_state == 1 /* TCP_ESTABLISHED */) {
+		/* a connection older than its limit: register it now, so its sender, if it is
+		 * a socket on this host, is paced (the daemon runs this iterator once more) */
+		struct ct_peer_key k = {};
+		__u64 bid = tag->budget;
+		__u16 fam = skc->skc_family;
+
+		k.family = fam;
+		k.ports = (__u32)bpf_ntohs(skc->skc_dport) << 16 | skc->skc_num;
+		if (fam == AF_INET) {
+			k.local[0] = skc->skc_daddr;
+			k.remote[0] = skc->skc_rcv_saddr;
+		} else {
+			for (int i = 0; i < 4; i++) {
+				k.local[i] = skc->skc_v6_daddr.in6_u.u6_addr32[i];
+				k.remote[i] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[i];
+			}
+		}
+		if (!bpf_map_update_elem(&peer_pace, &k, &bid, BPF_ANY)) {
+			struct caps again = { .limited = CT_CAPS_AGAIN };
+
+			tag->flags |= CT_SK_PEER_REG;
+			bpf_seq_write(ctx->meta->seq, &again, sizeof(again));
+		}
+	}
 	caps_of(tag, &c, bpf_ktime_get_ns());
 	c.cwnd = cwnd_for(c.pace, tp->srtt_us >> 3, tp->mss_cache);
 	APPLY_CAPS(tp, tag, c, released);

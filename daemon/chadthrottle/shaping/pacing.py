@@ -64,9 +64,18 @@ class Pacer:
     def repace(self) -> int:
         """Re-pace every TCP socket in the daemon's network namespace whose limit changed,
         release those whose limit is gone; returns how many sockets are limited."""
-        n = len(caps_of(self._kernel.iterate(names.PROG_ITER_TCP, 0)))
+        caps = caps_of(self._kernel.iterate(names.PROG_ITER_TCP, 0))
+        if any(c.limited == CAPS_AGAIN for c in caps):
+            # a connection older than its limit was registered for pacing its local sender,
+            # which this pass may have visited already
+            caps = caps_of(self._kernel.iterate(names.PROG_ITER_TCP, 0))
+        n = sum(c.limited == 1 for c in caps)
         log.debug("re-paced: %d limited TCP socket(s)", n)
         return n
+
+
+#: caps.limited of iter/tcp's "run me again" record (CT_CAPS_AGAIN in the BPF program)
+CAPS_AGAIN = 2
 
 
 class PacedCaps(ctypes.Structure):
