@@ -81,8 +81,10 @@ class ProcessStats:
     upload_socket_rate: float = 0.0
     download_sockets: int = 0  # sockets active in the last 100 ms (sharing the rate)
     upload_sockets: int = 0
+    download_queued: int = 0  # bytes waiting in the limit's download queue (remote senders)
+    download_queue_dropped: int = 0  # packets the queue dropped
     exe: str = ""
-    uid: int = -1
+    uid: int | None = None
     unit: str = ""
     rule: str = ""
     budget_pid: int = 0  # the pid the limit was set on (0: none)
@@ -565,6 +567,7 @@ class Engine:
             status = verdict.worst([verdict.classify(x) for x in wins])
             dn, up = cur.dir[abi.DIR_DOWNLOAD], cur.dir[abi.DIR_UPLOAD]
             root = next(iter(b.roots), 0)
+            queued, qdrops = self.queues.stats(b.bid) if self.queues is not None else (0, 0)
             return ProcessStats(
                 pid=pid, download_limit=b.download, upload_limit=b.upload,
                 download_rate=wins[0].rate, upload_rate=wins[1].rate,
@@ -576,6 +579,7 @@ class Engine:
                 download_calls=dn.calls, upload_calls=up.calls,
                 download_socket_rate=sock[0], upload_socket_rate=sock[1],
                 download_sockets=w.sockets[0], upload_sockets=w.sockets[1],
+                download_queued=queued, download_queue_dropped=qdrops,
                 rule=b.rule, budget_pid=pid if pid in b.roots else root, **who)
         t = self.sampler.traffic_of(pid)
         rd = ru = 0.0
@@ -626,11 +630,11 @@ class Engine:
         return out
 
 
-def _uid(pid: int) -> int:
+def _uid(pid: int) -> int | None:
     try:
         return procfs.uid(pid)
     except NoSuchProcess:
-        return -1
+        return None
 
 
 RATE_WINDOW_SECONDS = RATE_WINDOW

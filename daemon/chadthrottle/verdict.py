@@ -1,8 +1,13 @@
 """Is a limit working?  Pure logic shared by GetStats' `status` and the journal diagnostics.
 
 Thresholds come from the diagnostics users know: ratio > 1.5 -> THROTTLE NOT WORKING,
-program never called while traffic flows -> eBPF program NOT BEING CALLED, over the limit
-with no drop -> eBPF NOT DROPPING PACKETS.
+program never called while traffic flows -> eBPF program NOT BEING CALLED.
+
+``not-dropping`` keeps its name (the contract's status value) and its meaning — over the
+limit with no enforcement acting — now that a limit is held by shaping: a flow that pacing
+or its queue hold never exceeds the limit by 10 %, so being over by more than that with no
+drop means neither pacing, the queue nor the backstop acted.  A flow held at its limit by
+pacing alone, with no drop at all, is ``throttled``.
 """
 
 from __future__ import annotations

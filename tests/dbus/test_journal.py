@@ -27,10 +27,12 @@ LIMIT = 256 * 1024
 RATE_LINE = re.compile(
     r"^PID (\d+) \((.+)\) (download|upload): actual=\d+\.\d (KB|MB|GB)/s, "
     r"limit=\d+\.\d (KB|MB|GB)/s, ratio=\d+\.\d\dx (✅ THROTTLED|⚠️ THROTTLE NOT WORKING|"
-    r"⚠️ eBPF program NOT BEING CALLED|⚠️ eBPF NOT DROPPING PACKETS)$")
+    r"⚠️ eBPF program NOT BEING CALLED|"
+    r"⚠️ NOT ENFORCING \(over the limit; nothing paced, queued or dropped\))$")
 EBPF_LINE = re.compile(
     r"^eBPF stats PID (\d+) cgroup \S+ (download|upload): program_calls=\d+, packets=\d+, "
-    r"dropped=\d+ \(\d+\.\d%\), bytes=\d+, bytes_dropped=\d+$")
+    r"dropped=\d+ \(\d+\.\d%\), bytes=\d+, bytes_dropped=\d+, sockets=\d+"
+    r"(, queued=\d+, queue_dropped=\d+)?$")
 STATUSES = {names.STATUS_THROTTLED, names.STATUS_NOT_WORKING, names.STATUS_PROGRAM_NOT_CALLED,
             names.STATUS_NOT_DROPPING}
 
@@ -54,7 +56,8 @@ def test_seed_line_format_and_fields():
                             "ratio=0.96x ✅ THROTTLED")
     assert ebpf.message == ("eBPF stats PID 12345 cgroup /user.slice download: "
                             "program_calls=15234, packets=5000, dropped=4500 (90.0%), "
-                            "bytes=512000, bytes_dropped=460800")
+                            "bytes=512000, bytes_dropped=460800, sockets=0, queued=0, "
+                            "queue_dropped=0")
     assert rate.fields == {
         "CHADTHROTTLE_PID": "12345", "CHADTHROTTLE_COMM": "wget",
         "CHADTHROTTLE_CGROUP": "/user.slice", "CHADTHROTTLE_DIRECTION": "download",
@@ -68,7 +71,8 @@ def test_seed_line_format_and_fields():
 
 
 @pytest.mark.parametrize("win, text", [
-    (verdict.Window(51200, 349.7 * 1024, 100, 0), "⚠️ eBPF NOT DROPPING PACKETS"),
+    (verdict.Window(51200, 349.7 * 1024, 100, 0),
+     "⚠️ NOT ENFORCING (over the limit; nothing paced, queued or dropped)"),
     (verdict.Window(51200, 349.7 * 1024, 100, 5), "⚠️ THROTTLE NOT WORKING"),
     (verdict.Window(51200, 0.0, 0, 0, socket_rate=300 * 1024),
      "⚠️ eBPF program NOT BEING CALLED"),

@@ -14,7 +14,8 @@ selects one process.  "actual" is the average over the interval since the previo
 Verdicts come from chadthrottle.verdict (shared with GetStats' ``status``), applied to the
 interval's own counters:
   traffic flows but the program never ran for it -> ⚠️ eBPF program NOT BEING CALLED
-  over the limit (ratio > 1.1) and no drop       -> ⚠️ eBPF NOT DROPPING PACKETS
+  over the limit (ratio > 1.1) and no drop       -> ⚠️ NOT ENFORCING (nothing paced, queued
+                                                    or dropped it: see verdict.py)
   ratio > 1.5                                     -> ⚠️ THROTTLE NOT WORKING
   otherwise                                       -> ✅ THROTTLED
 """
@@ -35,7 +36,8 @@ VERDICT_TEXT = {
     names.STATUS_THROTTLED: "✅ THROTTLED",
     names.STATUS_NOT_WORKING: "⚠️ THROTTLE NOT WORKING",
     names.STATUS_PROGRAM_NOT_CALLED: "⚠️ eBPF program NOT BEING CALLED",
-    names.STATUS_NOT_DROPPING: "⚠️ eBPF NOT DROPPING PACKETS",
+    names.STATUS_NOT_DROPPING:
+        "⚠️ NOT ENFORCING (over the limit; nothing paced, queued or dropped)",
     names.STATUS_UNLIMITED: "(unlimited)",
 }
 DIRECTIONS = ("download", "upload")
@@ -91,6 +93,7 @@ def lines_for(st, direction: str, win: verdict.Window) -> list[Line]:
     packets = passed + dropped  # every packet the program judged
     pct = 100.0 * dropped / packets if packets else 0.0
     ebpf_fields = {F + k: v for k, v in common.items()}
+    sockets = int(getattr(st, f"{direction}_sockets", 0) or 0)
     ebpf_fields.update({
         F + "KIND": "ebpf",
         F + "STATUS": status,
@@ -99,11 +102,20 @@ def lines_for(st, direction: str, win: verdict.Window) -> list[Line]:
         F + "DROPPED": str(dropped),
         F + "BYTES": str(nbytes),
         F + "BYTES_DROPPED": str(dropped_bytes),
+        F + "SOCKETS": str(sockets),
     })
+    # the shaping state: sockets sharing the rate (paced), and a remote download's queue
+    shaping = f", sockets={sockets}"
+    if direction == "download":
+        queued = int(getattr(st, "download_queued", 0) or 0)
+        qdrops = int(getattr(st, "download_queue_dropped", 0) or 0)
+        ebpf_fields[F + "QUEUED"] = str(queued)
+        ebpf_fields[F + "QUEUE_DROPPED"] = str(qdrops)
+        shaping += f", queued={queued}, queue_dropped={qdrops}"
     ebpf = (
         f"eBPF stats PID {st.pid} cgroup {st.cgroup} {direction}: program_calls={calls}, "
         f"packets={packets}, dropped={dropped} ({pct:.1f}%), bytes={nbytes}, "
-        f"bytes_dropped={dropped_bytes}"
+        f"bytes_dropped={dropped_bytes}{shaping}"
     )
     return [Line(msg, rate_fields, level), Line(ebpf, ebpf_fields, logging.INFO)]
 
@@ -123,7 +135,7 @@ class Diagnostics:
         # idle limits (no packet, no socket traffic) are counted, not reported one by one:
         # with thousands of limits the journal would get thousands of lines every 5 s
         active = self._engine.active_limits()
-        idle = len(self._engine.list_limits()) - len(active)
+        idle = len(self._engine.budgets.by_root) - len(active)
         if idle:
             out.append(Line(f"{idle} limited process(es) idle (no traffic in the last window)",
                             {F + "KIND": "idle", F + "IDLE_LIMITS": str(idle)}, logging.INFO))

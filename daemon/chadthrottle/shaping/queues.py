@@ -307,9 +307,14 @@ class Queues:
         if not self._wanted and self._uplinks:
             self._close()
 
-    @_on_net_thread
     def stats(self, key: int, unit: bool = False) -> tuple[int, int]:
         """(bytes queued now, packets dropped by the queue) of a limit, over its devices."""
+        if (key | CLASS_KEY_UNIT if unit else key) not in self._minor or not self._uplinks:
+            return 0, 0  # no queue: no netlink round trip
+        return self._stats(key, unit)
+
+    @_on_net_thread
+    def _stats(self, key: int, unit: bool) -> tuple[int, int]:
         minor = self._minor.get(key | CLASS_KEY_UNIT if unit else key)
         if minor is None or not self._uplinks:
             return 0, 0
