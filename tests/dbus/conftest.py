@@ -119,12 +119,18 @@ class Daemon:
 
 def start_daemon(address: str, log_path: Path, *extra_args: str, prefix: list[str] | None = None,
                  env: dict[str, str] | None = None, timeout: float = 20.0) -> Daemon:
-    """Start the real chadthrottled on ``address`` and wait until it owns its name."""
+    """Start the real chadthrottled on ``address`` and wait until it owns its name.  Unless
+    ``env`` says otherwise, it keeps its state and reads its rules next to its log (a daemon
+    of its own: no limit or rule of another test comes back in it)."""
     cmd = [*(prefix or []), sys.executable, "-m", "chadthrottle.server.main",
            "--log-target=stderr", *extra_args]
+    if env is None:
+        env = env_with(address,
+                       CHADTHROTTLE_STATE_DIR=str(log_path.with_name(log_path.stem + "-state")),
+                       CHADTHROTTLE_CONFIG_DIR=str(log_path.with_name(log_path.stem + "-etc")))
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed below, the child keeps its copy
     try:
-        proc = subprocess.Popen(cmd, env=env or env_with(address), stdout=log_file,
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     finally:
         log_file.close()

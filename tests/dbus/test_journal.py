@@ -16,12 +16,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import SRC, env_with, name_has_owner, requires_root, stop_pid
 
 from chadthrottle import names, verdict
 from chadthrottle.bench.traffic import HttpServer, Transfer, curl_download
 from chadthrottle.server import diagnostics
 from chadthrottle.server.log import JournalHandler, parse_spec
+from conftest import SRC, env_with, name_has_owner, requires_root, stop_pid
 
 LIMIT = 256 * 1024
 RATE_LINE = re.compile(

@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             os.chmod(workdir, 0o755)
             bus = PrivateBus(workdir)
             address = bus.start()
-            env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
+            env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address,
+                       CHADTHROTTLE_STATE_DIR=os.path.join(workdir, "state"),
+                       CHADTHROTTLE_CONFIG_DIR=os.path.join(workdir, "etc"))
             src = str(Path(__file__).resolve().parents[2])
             env["PYTHONPATH"] = src + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             daemon = subprocess.Popen(
