@@ -83,6 +83,7 @@ class Budgets:
         self._next_bid = 1
         self.by_bid: dict[int, Budget] = {}
         self.by_root: dict[int, int] = {}  # root pid -> budget id
+        self.gen = 0  # bumped on every change of a root or a rate (caches of listings)
         #: called with (budget id, download rate) when a budget's download rate changes or
         #: the budget goes (rate 0): its download queue follows
         self.listeners: list = []
@@ -169,6 +170,7 @@ class Budgets:
             return False
         b.download, b.upload, b.burst_download, b.burst_upload = download, upload, bd, bu
         b.gen += 1
+        self.gen += 1
         libbpf.map_update(self._kernel.fd(names.MAP_LIMIT_CFG), ctypes.c_uint64(b.bid),
                           self._cfg(b))
         self._kernel.bump_cfg_gen()
@@ -182,6 +184,7 @@ class Budgets:
         honours (every user of it checks that the budget exists; ids are never reused), so
         this is O(1) whatever the budget's size; paced sockets are released at once."""
         self.by_bid.pop(b.bid, None)
+        self.gen += 1
         for pid in list(b.roots):
             if self.by_root.get(pid) == b.bid:
                 del self.by_root[pid]
@@ -204,10 +207,12 @@ class Budgets:
 
     # -- members -----------------------------------------------------------------------------
     def add_root(self, b: Budget, proc: procfs.Process) -> None:
+        self.gen += 1
         b.roots[proc.pid] = proc.start_time
         self.by_root[proc.pid] = b.bid
 
     def drop_root(self, b: Budget, pid: int) -> None:
+        self.gen += 1
         b.roots.pop(pid, None)
         if self.by_root.get(pid) == b.bid:
             del self.by_root[pid]

@@ -330,6 +330,22 @@ class Engine:
                 out.append(self._limit(b, pid))
         return sorted(out, key=lambda lim: lim.pid)
 
+    def limit_rows(self) -> list[tuple[int, int, int]]:
+        """(pid, download, upload) of every limit, by pid: ListLimits and the Limits
+        property.  Kept until something changes (10,000 limits are listed for free)."""
+        if self._rows_gen != self.budgets.gen:
+            rows = []
+            for pid, bid in self.budgets.by_root.items():
+                b = self.budgets.by_bid.get(bid)
+                if b is not None:
+                    rows.append((pid, b.download, b.upload))
+            rows.sort()
+            self._rows, self._rows_gen = rows, self.budgets.gen
+        return self._rows
+
+    _rows: list = []
+    _rows_gen = -1
+
     def limit_of(self, pid: int) -> Limit | None:
         """The limit whose root pid is `pid` (who set it, which rule), or None."""
         bid = self.budgets.by_root.get(pid)

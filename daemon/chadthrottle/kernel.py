@@ -28,6 +28,15 @@ MAPS = (
 )
 
 
+def _trim_heap() -> None:
+    """Give back to the system the heap libbpf used while loading (the kernel's BTF it
+    parsed for CO-RE relocations is freed, but glibc keeps the pages)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Kernel:
     def __init__(self, path: str | Path | None = None) -> None:
         self.obj = BpfObject(path)
@@ -52,6 +61,7 @@ class Kernel:
         self.config.pid_level = self.pid_level
         self.write_config()
         self._ring = self.obj.ring_buffer(names.MAP_EVENTS, self._on_event)
+        _trim_heap()
 
     def _where_am_i(self) -> tuple[int, int]:
         """The levels of the daemon's pid namespace and of its cgroup namespace's root, as

@@ -97,6 +97,7 @@ _LIBC_PROTOTYPES: dict[str, tuple[object, list[object]]] = {
 
 #: libbpf messages are formatted into one buffer of this size; longer ones keep their end
 PRINT_BUFFER = 8 << 20
+PRINT_SMALL = 4096
 PRINT_KEEP = 16 << 10
 
 _lib: ctypes.CDLL | None = None
@@ -134,19 +135,31 @@ def _install_print() -> None:
     levels = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
     bpflog = logging.getLogger("chadthrottle.libbpf")
 
-    # one buffer, reused: a verifier log is one message of up to megabytes, and the reason
-    # of a rejection is at its end (a va_list cannot be formatted twice to measure it first)
-    buf = ctypes.create_string_buffer(PRINT_BUFFER)
+    # a verifier log is one message of up to megabytes, and the reason of a rejection is at
+    # its end (a va_list cannot be formatted twice to measure it first): warnings get a big
+    # buffer, made once when first needed; other messages a small one, and only when their
+    # level is logged at all
+    small = ctypes.create_string_buffer(PRINT_SMALL)
+    big: list = []
 
     def _cb(level: int, fmt: bytes, va_list: int) -> int:
         try:
             assert _libc is not None
+            py_level = levels.get(level, logging.DEBUG)
+            if not bpflog.isEnabledFor(py_level):
+                return 0
+            if py_level >= logging.WARNING:
+                if not big:
+                    big.append(ctypes.create_string_buffer(PRINT_BUFFER))
+                buf = big[0]
+            else:
+                buf = small
             n = _libc.vsnprintf(buf, len(buf), fmt, va_list)
             text = buf.value.decode(errors="replace").rstrip()
             if len(text) > PRINT_KEEP:
                 text = (text[:PRINT_KEEP // 8] + "\n[… verifier log shortened …]\n"
                         + text[-PRINT_KEEP:])
-            bpflog.log(levels.get(level, logging.DEBUG), "%s", text)
+            bpflog.log(py_level, "%s", text)
             return n
         except Exception:  # never let an exception cross into C
             return 0

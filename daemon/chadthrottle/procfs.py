@@ -31,9 +31,14 @@ def terminate(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
     return proc.returncode
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _stat_fields(pid: int) -> list[str]:
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        raw = _read(f"/proc/{pid}/stat").decode("utf-8", "replace")
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise NoSuchProcess(f"no process {pid}") from exc
     # comm may contain spaces and parentheses: split after the last ')'
@@ -49,8 +54,8 @@ def comm(pid: int) -> str:
 
 def tgid(pid: int) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Tgid:"):
+        for line in _read(f"/proc/{pid}/status").split(b"\n"):
+            if line.startswith(b"Tgid:"):
                 return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise NoSuchProcess(f"no process {pid}") from exc
@@ -150,9 +155,10 @@ class Process:
         if self.exited():
             return False
         try:
-            return start_time(self.pid) == self.start_time and state(self.pid) not in "ZX"
+            fields = _stat_fields(self.pid)
         except NoSuchProcess:
             return False
+        return int(fields[19]) == self.start_time and fields[0] not in "ZX"
 
     def uid(self) -> int:
         """Real uid, read after checking that the pid still names this process."""
@@ -182,10 +188,10 @@ def open_process(pid: int) -> Process:
     except (ProcessLookupError, OSError) as exc:
         raise NoSuchProcess(f"no process {pid}") from exc
     try:
-        proc = Process(pid, fd, start_time(pid))
-        if not proc.alive():
+        fields = _stat_fields(pid)
+        if fields[0] in "ZX":
             raise NoSuchProcess(f"process {pid} has exited")
-        return proc
+        return Process(pid, fd, int(fields[19]))
     except BaseException:
         os.close(fd)
         raise

@@ -54,8 +54,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new one, never a part."""
+def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data``: readers see the old file or the new one, never a part.
+    durable: also fsync the file and its directory (the change survives a power loss, not
+    only a crash of the process); the runtime state, which lives until reboot anyway, needs
+    only the rename."""
     path = Path(path)
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -64,22 +67,25 @@ def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_remove(path: Path) -> bool:
+def atomic_remove(path: Path, *, durable: bool = True) -> bool:
     """Remove ``path``; False if it did not exist."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         return False
-    fsync_dir(Path(path).parent)
+    if durable:
+        fsync_dir(Path(path).parent)
     return True
 
 

@@ -68,6 +68,9 @@ STATS_SIGNATURES: dict[str, str] = {
     "download_queue_dropped": "t",
 }
 _CASTS = {"u": int, "t": int, "d": float, "s": str, "b": bool}
+#: PropertiesChanged carries the Limits value up to this many limits, and only announces
+#: the change beyond (clients then Get it)
+LIMITS_INLINE = 256
 
 #: names of signal and out arguments (dbus-fast does not name them; the contract does)
 SIGNAL_ARG_NAMES = {
@@ -170,7 +173,7 @@ class Throttle1(ServiceInterface):
         return [stats_to_variant_dict(self._engine.stats(pid))]
 
     def serve_ListLimits(self) -> list:
-        return [[[lim.pid, lim.download, lim.upload] for lim in self._engine.list_limits()]]
+        return [self._engine.limit_rows()]
 
     def serve_SetUnitLimit(self, unit: str, download: int, upload: int, *,
                            caller_uid: int = 0) -> list:
@@ -298,14 +301,22 @@ class Throttle1(ServiceInterface):
         self._loop.call_soon(self._emit_limits)
 
     def _emit_limits(self) -> None:
+        """The new value while it is small; past LIMITS_INLINE limits the property is
+        announced as changed without its value (the standard "invalidated" form): clients
+        read it when they need it, and a burst of changes to thousands of limits does not
+        send the whole list each time."""
         self._limits_pending = False
+        rows = self._engine.limit_rows()
         try:
-            self.emit_properties_changed({"Limits": self._limits_value()})
+            if len(rows) <= LIMITS_INLINE:
+                self.emit_properties_changed({"Limits": [list(r) for r in rows]})
+            else:
+                self.emit_properties_changed({}, ["Limits"])
         except Exception:  # the bus is going away
             log.debug("could not emit PropertiesChanged(Limits)", exc_info=True)
 
     def _limits_value(self) -> list:
-        return [[lim.pid, lim.download, lim.upload] for lim in self._engine.list_limits()]
+        return [list(r) for r in self._engine.limit_rows()]
 
     def _attached_maybe_changed(self) -> None:
         now = list(self._engine.attached_cgroups)

@@ -28,6 +28,7 @@ import ctypes
 import errno
 import functools
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -92,10 +93,21 @@ class Queues:
             self._ipr = _ipr()
         return self._ipr
 
-    @_on_net_thread
     def cleanup_leftovers(self) -> int:
         """Remove what an earlier daemon left (a crash): our filters, the clsact qdiscs
-        holding nothing else, our ifb devices.  Returns how many things were removed."""
+        holding nothing else, our ifb devices.  Returns how many things were removed.  A
+        run makes its ifb devices first and removes them last, so without one of ours in
+        /sys/class/net there is nothing to look for (and no netlink to speak)."""
+        try:
+            ours = [n for n in os.listdir("/sys/class/net") if n.startswith(names.IFB_PREFIX)]
+        except OSError:
+            ours = [names.IFB_PREFIX]
+        if not ours:
+            return 0
+        return self._cleanup_leftovers()
+
+    @_on_net_thread
+    def _cleanup_leftovers(self) -> int:
         ipr = self._net()
         removed = 0
         for link in ipr.get_links():
@@ -277,16 +289,23 @@ class Queues:
         libbpf.map_update(self._kernel.fd(names.MAP_DL_CLASS), ctypes.c_uint64(ckey),
                           ctypes.c_uint32(self._minor[ckey]))
 
-    @_on_net_thread
     def changed(self, key: int, unit: bool, rate: int) -> None:
         """A limit was made or changed with this download rate (0: it has none, or it is
-        gone).  The devices exist while some limit has a download rate."""
+        gone).  The devices exist while some limit has a download rate.  Bookkeeping only,
+        unless netlink has work (a class to change or remove, devices to add or drop)."""
         ckey = key | CLASS_KEY_UNIT if unit else key
         if rate:
             self._wanted[ckey] = rate
-            self._scan()
         else:
             self._wanted.pop(ckey, None)
+        if ckey in self._minor or (not self._wanted and self._uplinks) \
+                or (rate and self._devices and not self._uplinks):
+            self._changed(ckey, rate)
+
+    @_on_net_thread
+    def _changed(self, ckey: int, rate: int) -> None:
+        if rate:
+            self._scan()
         minor = self._minor.get(ckey)
         if minor is not None and rate:
             self._rate[ckey] = rate
