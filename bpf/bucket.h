@@ -63,10 +63,13 @@ static __always_inline void bucket_epoch(struct ct_bucket *b, __u64 now, int fre
 		b->counting++;
 }
 
-/* Charge `len` payload bytes; 1 = pass, 0 = drop.  Packets without payload (pure ACKs,
- * SYNs, FINs) always pass: starving the acknowledgements of one direction would stall
- * the other.  A packet passes while the debt is within the slack. */
-static __always_inline int bucket_charge(struct ct_bucket *b, __u64 len, __u64 now, int fresh)
+/* Charge `len` payload bytes; 1 = pass, 0 = drop, 2 = passed by grace.  Packets without
+ * payload (pure ACKs, SYNs, FINs) always pass: starving the acknowledgements of one
+ * direction would stall the other.  A packet passes while the debt is within the slack;
+ * beyond it, with `grace`, it passes and the debt is forgiven (the download queue is being
+ * made: the bucket must not start that queue in debt). */
+static __always_inline int bucket_charge(struct ct_bucket *b, __u64 len, __u64 now, int fresh,
+					 int grace)
 {
 	int pass = 1;
 
@@ -77,6 +80,8 @@ static __always_inline int bucket_charge(struct ct_bucket *b, __u64 len, __u64 n
 			bucket_epoch(b, now, fresh);
 			if (b->tokens > -(__s64)b->slack)
 				b->tokens -= (__s64)len;
+			else if (grace)
+				pass = 2, b->tokens = 0; /* and the queue starts without debt */
 			else
 				pass = 0;
 		}

@@ -156,12 +156,12 @@ struct {
 	__type(value, __u8); /* 1: report its rmdir; 2: report mkdirs below it */
 } watch_cgroups SEC(".maps");
 
-/* Devices limited downloads arrive on (ifindex -> 1 reported; the daemon queues there). */
+/* Devices limited downloads arrive on (ifindex -> state; the daemon queues there). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, CT_MAX_DEVICES);
 	__type(key, __u32);
-	__type(value, __u8);
+	__type(value, struct ct_device);
 } dl_devices SEC(".maps");
 
 /* Budgets that saw traffic since the last sample (the daemon takes and empties it), so a
@@ -367,14 +367,14 @@ static __always_inline __u64 payload_len(struct __sk_buff *skb)
 
 static __always_inline int charge_limit(struct ct_limit *l, struct ct_limit_cfg *c,
 					struct ct_config *cfg, int dir, __u64 len, __u64 now,
-					int fresh)
+					int fresh, int grace)
 {
 	int pass;
 
 	bpf_spin_lock(&l->lock);
 	if (l->cfg_gen != cfg->cfg_gen)
 		apply_cfg(l, c, cfg->cfg_gen, now);
-	pass = bucket_charge(&l->dir[dir & 1], len, now, fresh);
+	pass = bucket_charge(&l->dir[dir & 1], len, now, fresh, grace);
 	bpf_spin_unlock(&l->lock);
 	return pass;
 }
@@ -411,15 +411,42 @@ static __always_inline void account(struct ct_sk_tag *tag, int dir, __u64 len)
 /* A limited download came in on a device other than loopback: the first time, the daemon
  * is told, so it can give that device a download queue (only devices that carry limited
  * downloads ever get one). */
-static __always_inline void note_device(struct __sk_buff *skb)
+static __always_inline void note_device(struct __sk_buff *skb, __u64 now)
 {
 	__u32 ifindex = skb->ingress_ifindex;
-	__u8 one = 1;
+	struct ct_device fresh = { .seen_ns = now, .state = CT_DEV_PENDING };
 
 	if (ifindex <= 1 || bpf_map_lookup_elem(&dl_devices, &ifindex))
 		return;
-	if (!bpf_map_update_elem(&dl_devices, &ifindex, &one, BPF_NOEXIST))
+	if (!bpf_map_update_elem(&dl_devices, &ifindex, &fresh, BPF_NOEXIST))
 		emit(CT_EV_DEVICE, 0, 0, ifindex, 0, 0);
+}
+
+/* Until a device's queue is there (a few tens of milliseconds of netlink after its first
+ * limited download) the bucket would police the sender's first flight and cost it
+ * retransmissions: for at most CT_QUEUE_GRACE_NS after that first packet an over-limit
+ * download passes without adding to the bucket's debt (counted in queue_grace; the receive
+ * window clamp bounds what the sender has in flight meanwhile).  The daemon ends the grace
+ * when the device is queued or refused; without download queues there is none.  Budgets
+ * only: unit limits police that first flight (a grace in their per-level loop costs the
+ * verifier more states than it allows). */
+static __always_inline void count_grace(void)
+{
+	struct ct_global *g = ct_stats();
+
+	if (g)
+		g->queue_grace++;
+}
+
+static __always_inline int queue_grace(struct __sk_buff *skb, struct ct_config *cfg, __u64 now)
+{
+	__u32 ifindex = skb->ingress_ifindex;
+	struct ct_device *d;
+
+	if (!(cfg->flags & CT_CFG_QUEUES) || ifindex <= 1)
+		return 0;
+	d = bpf_map_lookup_elem(&dl_devices, &ifindex);
+	return d && d->state == CT_DEV_PENDING && now - d->seen_ns < CT_QUEUE_GRACE_NS;
 }
 
 /* Unit limits at every level where one exists; remembers the innermost limited unit in the
@@ -443,9 +470,9 @@ static __always_inline int unit_charge(struct __sk_buff *skb, struct ct_config *
 			continue;
 		innermost = id;
 		if (dir == CT_DIR_DOWNLOAD && ul->dir[CT_DIR_DOWNLOAD].rate)
-			note_device(skb);
+			note_device(skb, now);
 		struct ct_limit_cfg *c = pending_cfg(&unit_cfg, id, ul, cfg);
-		if (!charge_limit(ul, c, cfg, dir, len, now, fresh)) {
+		if (!charge_limit(ul, c, cfg, dir, len, now, fresh, 0)) { /* no grace here */
 			pass = 0;
 			break;
 		}
@@ -462,7 +489,7 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 	struct ct_sk_tag *tag = 0;
 	struct ct_global *g;
 	__u64 now = 0, len = skb->len;
-	int pass = 1, fresh = 0;
+	int pass = 1, fresh = 0, grace = 0;
 
 	if (!cfg)
 		return CT_PASS;
@@ -502,8 +529,12 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 				bpf_map_update_elem(&active, &bid, &one, BPF_ANY);
 			}
 			if (dir == CT_DIR_DOWNLOAD && l->dir[CT_DIR_DOWNLOAD].rate)
-				note_device(skb);
-			pass = charge_limit(l, c, cfg, dir, len, now, fresh);
+				note_device(skb, now);
+			if (dir == CT_DIR_DOWNLOAD && l->dir[CT_DIR_DOWNLOAD].rate)
+				grace = queue_grace(skb, cfg, now);
+			pass = charge_limit(l, c, cfg, dir, len, now, fresh, grace);
+			if (pass == 2)
+				count_grace();
 		} else {
 			tag->budget = 0; /* the limit is gone */
 		}

@@ -44,6 +44,7 @@
 
 /* Activity epochs: sockets that moved data in the last epoch share a budget's rate. */
 #define CT_EPOCH_NS 100000000ULL /* 100 ms */
+#define CT_QUEUE_GRACE_NS 500000000ULL /* a new device's downloads pass while its queue is made */
 
 /* Per-process counters are added up in the socket's tag and moved to proc_traffic every
  * CT_FLUSH_PACKETS packets (and when the socket closes): one hash update per 16 packets. */
@@ -177,6 +178,7 @@ struct ct_config {
 #define CT_CFG_BUDGETS 0x1     /* some budget exists: socket use is watched */
 #define CT_CFG_EXEC_DIRS 0x2   /* exe rules watch directories: report unknown files there */
 #define CT_CFG_PEERS 0x4       /* pace local senders of limited connections */
+#define CT_CFG_QUEUES 0x8      /* download queues are made: a new device gets its grace */
 
 /* Whole-program counters (per-CPU array, one entry). */
 struct ct_global {
@@ -186,6 +188,17 @@ struct ct_global {
 	__u64 retagged;           /* sockets charged to a new user */
 	__u64 full;               /* a map was full (enrollment or budget failed) */
 	__u64 events_lost;        /* ring buffer full */
+	__u64 queue_grace;        /* over-limit downloads passed while their queue was made */
+};
+
+/* A device limited downloads arrived on (map dl_devices, by ifindex). */
+#define CT_DEV_PENDING 0  /* reported; its queue is being made */
+#define CT_DEV_QUEUED 1   /* its queue holds limited downloads */
+#define CT_DEV_REFUSED 2  /* no queue (someone else's ingress qdisc): the bucket holds them */
+struct ct_device {
+	__u64 seen_ns;  /* first limited download (bpf_ktime_get_ns) */
+	__u32 state;    /* CT_DEV_* */
+	__u32 pad;
 };
 
 /* A rule slot of the exec matcher (array map `rules`, CT_MAX_RULES entries). */
@@ -279,7 +292,8 @@ _Static_assert(sizeof(struct ct_sk_tag) == 88, "ct_sk_tag ABI");
 _Static_assert(sizeof(struct ct_peer_key) == 40, "ct_peer_key ABI");
 _Static_assert(sizeof(struct ct_traffic) == 32, "ct_traffic ABI");
 _Static_assert(sizeof(struct ct_config) == 64, "ct_config ABI");
-_Static_assert(sizeof(struct ct_global) == 64, "ct_global ABI");
+_Static_assert(sizeof(struct ct_global) == 72, "ct_global ABI");
+_Static_assert(sizeof(struct ct_device) == 16, "ct_device ABI");
 _Static_assert(sizeof(struct ct_rule) == 96, "ct_rule ABI");
 _Static_assert(sizeof(struct ct_exe_key) == 16, "ct_exe_key ABI");
 _Static_assert(sizeof(struct ct_dir_key) == 16, "ct_dir_key ABI");

@@ -49,6 +49,7 @@ ITER_SELF = 7
 CFG_BUDGETS = 0x1
 CFG_EXEC_DIRS = 0x2
 CFG_PEERS = 0x4
+CFG_QUEUES = 0x8
 
 RULE_ACTIVE = 0x1
 RULE_EXE = 0x2
@@ -191,6 +192,20 @@ class Global(ctypes.Structure):
         ("retagged", c_uint64),
         ("full", c_uint64),
         ("events_lost", c_uint64),
+        ("queue_grace", c_uint64),
+    ]
+
+
+DEV_PENDING, DEV_QUEUED, DEV_REFUSED = 0, 1, 2
+QUEUE_GRACE_NS = 500_000_000
+
+
+class Device(ctypes.Structure):
+    """A device limited downloads arrived on (dl_devices)."""
+    _fields_ = [
+        ("seen_ns", c_uint64),
+        ("state", c_uint32),
+        ("pad", c_uint32),
     ]
 
 
@@ -279,6 +294,7 @@ STRUCTS = {
     "ct_member_rec": MemberRec,
     "ct_check": Check,
     "ct_self_rec": SelfRec,
+    "ct_device": Device,
 }
 
 #: every CT_* constant of the header that code here relies on: name -> value (a test checks)
@@ -295,7 +311,9 @@ CONSTANTS = {
     "CT_ITER_CENSUS": ITER_CENSUS, "CT_ITER_TAG": ITER_TAG, "CT_ITER_CHECK": ITER_CHECK,
     "CT_ITER_UNIT": ITER_UNIT, "CT_ITER_SELF": ITER_SELF, "CT_CFG_BUDGETS": CFG_BUDGETS,
     "CT_CFG_EXEC_DIRS": CFG_EXEC_DIRS,
-    "CT_CFG_PEERS": CFG_PEERS, "CT_RULE_ACTIVE": RULE_ACTIVE, "CT_RULE_EXE": RULE_EXE,
+    "CT_CFG_PEERS": CFG_PEERS, "CT_CFG_QUEUES": CFG_QUEUES, "CT_DEV_PENDING": DEV_PENDING,
+    "CT_DEV_QUEUED": DEV_QUEUED, "CT_DEV_REFUSED": DEV_REFUSED,
+    "CT_QUEUE_GRACE_NS": QUEUE_GRACE_NS, "CT_RULE_ACTIVE": RULE_ACTIVE, "CT_RULE_EXE": RULE_EXE,
     "CT_RULE_COMM": RULE_COMM, "CT_RULE_UID": RULE_UID, "CT_RULE_UNIT": RULE_UNIT,
     "CT_RULE_USER": RULE_USER, "CT_RULE_APP": RULE_APP, "CT_EV_EMPTY": EV_EMPTY,
     "CT_EV_ROOT_EXIT": EV_ROOT_EXIT, "CT_EV_EXEC": EV_EXEC, "CT_EV_RULE": EV_RULE,

@@ -174,7 +174,8 @@ class Budgets:
         libbpf.map_update(self._kernel.fd(names.MAP_LIMIT_CFG), ctypes.c_uint64(b.bid),
                           self._cfg(b))
         self._kernel.bump_cfg_gen()
-        self._pacer.repace()
+        if self.had_traffic(b.bid):  # its sockets take the new share now, not at the next ack
+            self._pacer.repace()
         for fn in self.listeners:
             fn(b.bid, b.download)
         return True
@@ -183,6 +184,7 @@ class Budgets:
         """Forget a budget.  Its members keep a stale id in their storage, which nothing
         honours (every user of it checks that the budget exists; ids are never reused), so
         this is O(1) whatever the budget's size; paced sockets are released at once."""
+        traffic = repace and self.had_traffic(b.bid)
         self.by_bid.pop(b.bid, None)
         self.gen += 1
         for pid in list(b.roots):
@@ -193,10 +195,15 @@ class Budgets:
         libbpf.map_delete(self._kernel.fd(names.MAP_LIMIT_CFG), key)
         if not self.by_bid:
             self._kernel.set_flag(abi.CFG_BUDGETS, False)
-        if repace:
+        if repace and traffic:  # paced sockets are released at once
             self._pacer.repace()
         for fn in self.listeners:
             fn(b.bid, 0)
+
+    def had_traffic(self, bid: int) -> bool:
+        """Did any packet of this budget pass the programs (so it may have paced sockets)?"""
+        v = self.read(bid)
+        return v is None or any(v.dir[d].calls for d in range(abi.DIRS))
 
     def read(self, bid: int) -> abi.Limit | None:
         v = abi.Limit()

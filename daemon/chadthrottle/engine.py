@@ -150,6 +150,7 @@ class Engine:
                 lambda bid, rate: self.attachments.watch_socket_use(bool(len(self.budgets))))
             queues = Queues(kernel)
             queues.cleanup_leftovers()  # what a crashed run left never keeps limiting
+            kernel.set_flag(abi.CFG_QUEUES, self.use_queues)
             if self.use_queues:
                 self.queues = queues
                 self.budgets.listeners.append(lambda bid, rate: queues.changed(bid, False, rate))

@@ -13,6 +13,7 @@ programs): traffic there means the programs are not called for them.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from . import abi, libbpf, names
 
 #: rates are averaged over this many seconds of samples
 RATE_WINDOW = 2.0
-#: how often limits whose program saw nothing are cross-checked with TCP counters
+#: how often limits whose program saw nothing are cross-checked with TCP counters, and how
+#: many per pass (a pass costs what those processes hold)
 SOCKET_CHECK_INTERVAL = 5.0
+CHECKS_PER_PASS = 16
 
 
 class DirCount(NamedTuple):
@@ -167,33 +170,37 @@ class Sampler:
 
     # -- the independent check -------------------------------------------------------------
     def _check_sockets(self, now: float) -> None:
-        """TCP byte counters of the sockets of budgets whose program saw nothing lately
-        (at most abi.MAX_CHECKS per pass, least recently checked first)."""
+        """TCP byte counters of the sockets of budgets whose program saw nothing lately,
+        read through their root processes (an iterator over one process's files each: the
+        cost is what they hold, not what the machine runs), at most CHECKS_PER_PASS per
+        pass, least recently checked first."""
         active = self.active_budgets()
-        idle = [bid for bid in self._budgets.by_bid if bid not in active]
         for bid in list(self.socket_rate):
             if bid in active or bid not in self._budgets.by_bid:
                 del self.socket_rate[bid]
                 self._socket.pop(bid, None)
+        idle = [(pid, bid) for pid, bid in self._budgets.by_root.items() if bid not in active]
         if not idle:
             return
-        idle.sort(key=lambda b: self._socket.get(b, (0.0, 0, 0))[0])
-        chosen = idle[:abi.MAX_CHECKS]
+        idle.sort(key=lambda pb: self._socket.get(pb[1], (0.0, 0, 0))[0])
         fd = self._kernel.fd(names.MAP_CHECKS)
-        for bid in chosen:
-            libbpf.map_update(fd, ctypes.c_uint64(bid), abi.Check())
-        try:
-            self._kernel.iterate(names.PROG_ITER_FILES, abi.ITER_CHECK)
-            for bid in chosen:
-                c = abi.Check()
-                if not libbpf.map_lookup(fd, ctypes.c_uint64(bid), c):
-                    continue
-                prev = self._socket.get(bid)
-                if prev and prev[0] > 0:
-                    dt = max(now - prev[0], 1e-3)
-                    self.socket_rate[bid] = (max(c.received - prev[1], 0) / dt,
-                                             max(c.acked - prev[2], 0) / dt)
-                self._socket[bid] = (now, c.received, c.acked)
-        finally:
-            for bid in chosen:
+        for pid, bid in idle[:CHECKS_PER_PASS]:
+            c = abi.Check()
+            libbpf.map_update(fd, ctypes.c_uint64(bid), c)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
                 libbpf.map_delete(fd, ctypes.c_uint64(bid))
+                continue
+            try:
+                self._kernel.iterate(names.PROG_ITER_FILES, abi.ITER_CHECK, pid_fd=pidfd)
+                libbpf.map_lookup(fd, ctypes.c_uint64(bid), c)
+            finally:
+                os.close(pidfd)
+                libbpf.map_delete(fd, ctypes.c_uint64(bid))
+            prev = self._socket.get(bid)
+            if prev and prev[0] > 0:
+                dt = max(now - prev[0], 1e-3)
+                self.socket_rate[bid] = (max(c.received - prev[1], 0) / dt,
+                                         max(c.acked - prev[2], 0) / dt)
+            self._socket[bid] = (now, c.received, c.acked)

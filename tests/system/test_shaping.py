@@ -112,3 +112,44 @@ def test_home_link_builds_queues_and_is_torn_down():
                                text=True).stdout.split())
     assert after <= before, f"namespaces left: {after - before}"
     assert not _ifbs()
+
+
+def test_a_queue_that_cannot_be_made_leaves_the_uplink_as_it_was(engine):
+    """The filter is refused after the clsact qdisc was added (here: tc is handed a file
+    descriptor that is no BPF program; the rest is the engine's loaded object): the device
+    is reported as refused, and neither the clsact nor an ifb stays behind on it."""
+    import socket
+
+    from chadthrottle.bench.netns import HomeLink, inside
+    from chadthrottle.shaping.queues import Queues
+
+    class NoClassifier:
+        def __init__(self, kernel):
+            self._kernel = kernel
+            self.obj = self
+
+        def program_fd(self, name: str) -> int:
+            return null
+
+        def __getattr__(self, name):
+            return getattr(self._kernel, name)
+
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with HomeLink(link=MiB) as hl, inside(hl.near_path):
+            index = socket.if_nametoindex(hl.near_dev)
+            q = Queues(NoClassifier(engine.kernel))
+            try:
+                q.changed(7, False, MiB)
+                q.device_needed(index)
+                assert hl.near_dev in q.refused, q.refused
+                qdiscs = subprocess.run(["tc", "qdisc", "show", "dev", hl.near_dev],
+                                        capture_output=True, text=True, check=True).stdout
+                links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True,
+                                       check=True).stdout
+            finally:
+                q.close()
+    finally:
+        os.close(null)
+    assert "clsact" not in qdiscs, qdiscs
+    assert names.IFB_PREFIX not in links, links

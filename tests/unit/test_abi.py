@@ -53,7 +53,8 @@ def test_field_order_matches_header(name):
 
 def header_constants() -> dict[str, int]:
     out = {}
-    for name, value in re.findall(r"#define (CT_\w+) (0x[0-9a-fA-F]+|\d+)\b", header_text()):
+    pattern = r"#define (CT_\w+) (0x[0-9a-fA-F]+|\d+)(?:ULL|UL|U)?\b"
+    for name, value in re.findall(pattern, header_text()):
         out[name] = int(value, 0)
     return out
 

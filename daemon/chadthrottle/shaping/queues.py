@@ -14,6 +14,11 @@ queue never overflows.  What the daemon adds, only while some limit has a downlo
   class and redirects the packet to the ifb (mirred).  A device whose ingress already has a
   qdisc the daemon did not create is left alone (its downloads are held by the backstop).
 
+Between a device's first limited download and its queue (the netlink calls above, tens of
+milliseconds) the backstop would police the sender's first flight: for at most
+``abi.QUEUE_GRACE_NS`` the packet path lets those downloads pass instead (counted as
+``queue_grace``), and the daemon ends the grace as soon as the device is queued or refused.
+
 Everything is removed when the last download limit goes and when the daemon stops; a daemon
 starting after a crash removes what a previous one left (recognised by the names above).
 
@@ -32,7 +37,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .. import libbpf, names
+from .. import abi, libbpf, names
 
 log = logging.getLogger("chadthrottle.queues")
 
@@ -84,6 +89,7 @@ class Queues:
         self._devices: set[int] = set()    # devices limited downloads arrived on
         self._free = list(range(LAST_MINOR, FIRST_MINOR - 1, -1))
         self._ipr = None
+        self._warming = False
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self.refused: dict[str, str] = {}  # device -> why it has no queue
 
@@ -182,12 +188,14 @@ class Queues:
                         "backstop alone", name, self.refused[name])
             return None
         ifname = f"{names.IFB_PREFIX}{index}"
+        added_clsact = False
         try:
             ipr.link("add", ifname=ifname, kind="ifb")
             ifb = ipr.link_lookup(ifname=ifname)[0]
             ipr.link("set", index=ifb, ifalias=names.IFACE_ALIAS, state="up")
             ipr.tc("add", "htb", ifb, HTB_ROOT, default=0)
             ipr.tc("add", "clsact", index)
+            added_clsact = True
             fd = self._kernel.obj.program_fd(names.PROG_TC_CLASSIFY)
             ipr.tc("add-filter", "bpf", index, ":1", fd=fd, name=names.TC_FILTER_NAME,
                    parent=CLSACT_INGRESS, prio=names.TC_FILTER_PRIO,
@@ -196,7 +204,7 @@ class Queues:
         except Exception as exc:
             log.warning("no download queue on %s: %s", name, exc)
             self.refused[name] = str(exc)
-            self._uninstall_partial(index, ifname)
+            self._uninstall_partial(index, ifname, added_clsact)
             return None
         log.info("download queue on %s: %s (htb 1:), clsact ingress filter %s", name, ifname,
                  names.TC_FILTER_NAME)
@@ -206,14 +214,16 @@ class Queues:
             self._add_class(up, minor, self._rate[key])
         return up
 
-    def _uninstall_partial(self, index: int, ifname: str) -> None:
+    def _uninstall_partial(self, index: int, ifname: str, added_clsact: bool) -> None:
+        """Undo a half-made queue: the ifb, and the clsact qdisc if this run added it (even
+        when the filter was never attached: an empty clsact must not stay on the uplink)."""
         ipr = self._net()
         for idx in ipr.link_lookup(ifname=ifname):
             try:
                 ipr.link("del", index=idx)
             except Exception:
                 pass
-        if any(self._is_ours(f) for f in self._ingress_filters(index)):
+        if added_clsact or any(self._is_ours(f) for f in self._ingress_filters(index)):
             try:
                 ipr.tc("del", "clsact", index)
             except Exception:
@@ -248,10 +258,22 @@ class Queues:
             if index not in present:
                 self._uplinks.pop(index)
         for index in self._devices:
+            if index in self._uplinks:
+                continue
             link = present.get(index)
-            if link is not None and index not in self._uplinks \
-                    and link.get_attr("IFLA_IFNAME") not in self.refused:
-                self._install(link)
+            if link is not None and link.get_attr("IFLA_IFNAME") not in self.refused \
+                    and self._install(link) is not None:
+                self._mark(index, abi.DEV_QUEUED)
+            else:  # no queue will come: the bucket holds its downloads from now on
+                self._mark(index, abi.DEV_REFUSED)
+
+    def _mark(self, index: int, state: int) -> None:
+        """Tell the packet path what became of a device it reported (its grace ends)."""
+        fd = self._kernel.fd(names.MAP_DL_DEVICES)
+        dev = abi.Device()
+        if libbpf.map_lookup(fd, ctypes.c_uint32(index), dev) and dev.state != state:
+            dev.state = state
+            libbpf.map_update(fd, ctypes.c_uint32(index), dev)
 
     @_on_net_thread
     def device_needed(self, ifindex: int) -> None:
@@ -294,6 +316,11 @@ class Queues:
         gone).  The devices exist while some limit has a download rate.  Bookkeeping only,
         unless netlink has work (a class to change or remove, devices to add or drop)."""
         ckey = key | CLASS_KEY_UNIT if unit else key
+        if rate and self._ipr is None and not self._warming:
+            # netlink (pyroute2's import: ~0.2 s) is made ready now, not when the first
+            # limited download arrives and waits for its queue
+            self._warming = True
+            self._worker.submit(self._net)
         if rate:
             self._wanted[ckey] = rate
         else:
@@ -379,4 +406,5 @@ class Queues:
         if final and self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+            self._warming = False
 
