@@ -126,6 +126,12 @@ PIP_SYSTEM_FLAGS  = $(shell $(INSTALL_PYTHON) -m pip install --help 2>/dev/null 
 install: $(BPF_OBJ)
 	$(Q)$(PIP_ENV) $(INSTALL_PYTHON) -m pip install -q --root "$(if $(DESTDIR),$(DESTDIR),/)" --prefix "$(PIP_PREFIX)" \
 	  --no-deps --no-build-isolation --no-warn-script-location $(PIP_SYSTEM_FLAGS) .
+	$(Q)if [ -z "$(DESTDIR)" ]; then \
+	  deps=$$($(INSTALL_PYTHON) packaging/runtime-deps.py) || exit 1; \
+	  if [ -n "$$deps" ]; then echo "  PIP   $$(echo $$deps)  (not provided by the distribution)"; \
+	    $(PIP_ENV) $(INSTALL_PYTHON) -m pip install -q --prefix "$(PIP_PREFIX)" --no-warn-script-location \
+	      $(PIP_SYSTEM_FLAGS) $$deps; fi; \
+	else echo "  DESTDIR install: runtime dependencies are the package's business: $$($(INSTALL_PYTHON) packaging/runtime-deps.py | tr '\n' ' ')"; fi
 	$(Q)install -Dm644 packaging/chadthrottled.service $(DESTDIR)$(UNITDIR)/chadthrottled.service
 	$(Q)sed -i 's|@BINDIR@|$(PREFIX)/bin|g' $(DESTDIR)$(UNITDIR)/chadthrottled.service
 	$(Q)install -Dm644 dbus/org.chadthrottle.Throttle1.conf $(DESTDIR)$(DBUS_DATADIR)/system.d/org.chadthrottle.Throttle1.conf

@@ -156,6 +156,14 @@ struct {
 	__type(value, __u8); /* 1: report its rmdir; 2: report mkdirs below it */
 } watch_cgroups SEC(".maps");
 
+/* Devices limited downloads arrive on (ifindex -> 1 reported; the daemon queues there). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CT_MAX_DEVICES);
+	__type(key, __u32);
+	__type(value, __u8);
+} dl_devices SEC(".maps");
+
 /* Budgets that saw traffic since the last sample (the daemon takes and empties it), so a
  * sample costs what is active, not what is limited. */
 struct {
@@ -265,6 +273,33 @@ static __always_inline void count_full(__u32 which)
 	emit(CT_EV_FULL, 0, 0, which, 0, 0);
 }
 
+/* A process's pid as the daemon sees it (its pid namespace may be a container's); 0 for a
+ * process outside the daemon's namespace.  Every pid stored or reported is this one. */
+static __always_inline __u32 ns_tgid(struct task_struct *t, struct ct_config *cfg)
+{
+	struct pid *p;
+	struct upid u;
+	__u32 level = cfg->pid_level;
+
+	if (!level) /* read, not loaded: both returns then come from the stack (the verifier
+		     * refuses one load instruction used with two kinds of pointer) */
+		return BPF_CORE_READ(t, tgid);
+	p = BPF_CORE_READ(t, group_leader, thread_pid);
+	if (!p || BPF_CORE_READ(p, level) < level)
+		return 0;
+	if (bpf_probe_read_kernel(&u, sizeof(u), (void *)((unsigned long)p +
+				  bpf_core_field_offset(struct pid, numbers) +
+				  (level & 0x1f) * sizeof(struct upid))))
+		return 0;
+	return u.nr;
+}
+
+static __always_inline __u32 current_tgid(struct ct_config *cfg)
+{
+	return cfg->pid_level ? ns_tgid(bpf_get_current_task_btf(), cfg)
+			      : bpf_get_current_pid_tgid() >> 32;
+}
+
 static __always_inline __u64 task_bid(struct ct_task *st)
 {
 	return st ? st->state & CT_BID_MASK : 0;
@@ -360,6 +395,20 @@ static __always_inline void account(__u32 tgid, int dir, __u64 len)
 	t->packets[dir & 1]++;
 }
 
+/* A limited download came in on a device other than loopback: the first time, the daemon
+ * is told, so it can give that device a download queue (only devices that carry limited
+ * downloads ever get one). */
+static __always_inline void note_device(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ingress_ifindex;
+	__u8 one = 1;
+
+	if (ifindex <= 1 || bpf_map_lookup_elem(&dl_devices, &ifindex))
+		return;
+	if (!bpf_map_update_elem(&dl_devices, &ifindex, &one, BPF_NOEXIST))
+		emit(CT_EV_DEVICE, 0, 0, ifindex, 0, 0);
+}
+
 /* Unit limits at every level where one exists; remembers the innermost limited unit in the
  * socket's tag (pacing and queueing use it). */
 static __always_inline int unit_charge(struct __sk_buff *skb, struct ct_config *cfg,
@@ -380,6 +429,8 @@ static __always_inline int unit_charge(struct __sk_buff *skb, struct ct_config *
 		if (!ul)
 			continue;
 		innermost = id;
+		if (dir == CT_DIR_DOWNLOAD && ul->dir[CT_DIR_DOWNLOAD].rate)
+			note_device(skb);
 		struct ct_limit_cfg *c = pending_cfg(&unit_cfg, id, ul, cfg);
 		if (!charge_limit(ul, c, cfg, dir, len, now, fresh)) {
 			pass = 0;
@@ -437,6 +488,8 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 				l->seen_gen = cfg->sample_gen;
 				bpf_map_update_elem(&active, &bid, &one, BPF_ANY);
 			}
+			if (dir == CT_DIR_DOWNLOAD && l->dir[CT_DIR_DOWNLOAD].rate)
+				note_device(skb);
 			pass = charge_limit(l, c, cfg, dir, len, now, fresh);
 		} else {
 			tag->budget = 0; /* the limit is gone */
@@ -476,13 +529,16 @@ SEC("cgroup/sock_create")
 int ct_sock_create(struct bpf_sock *sk)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
+	struct ct_config *cfg = ct_cfg();
 	struct ct_sk_tag *tag;
 	struct ct_task *st;
 
+	if (!cfg)
+		return 1;
 	tag = bpf_sk_storage_get(&sk_tag, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!tag)
 		return 1;
-	tag->tgid = bpf_get_current_pid_tgid() >> 32;
+	tag->tgid = current_tgid(cfg);
 	st = bpf_task_storage_get(&task_budget, task->group_leader, 0, 0);
 	tag->budget = task_bid(st);
 	return 1;
@@ -503,7 +559,7 @@ static __always_inline void sock_used(struct sock *sk)
 
 	if (!cfg || !(cfg->flags & CT_CFG_BUDGETS))
 		return;
-	tgid = bpf_get_current_pid_tgid() >> 32;
+	tgid = current_tgid(cfg);
 	if (tgid == cfg->daemon_tgid)
 		return;
 	task = bpf_get_current_task_btf();
@@ -574,8 +630,11 @@ static __always_inline int enroll(struct task_struct *t, __u64 bid, __u32 flags,
 		__u64 ob = old & CT_BID_MASK;
 		struct ct_limit *ol = bpf_map_lookup_elem(&limits, &ob);
 
-		if (ol && __sync_fetch_and_add(&ol->members, -1) == 1)
-			emit(CT_EV_EMPTY, t->tgid, ob, 0, 0, ol->rule);
+		if (ol && __sync_fetch_and_add(&ol->members, -1) == 1) {
+			struct ct_config *cfg = ct_cfg();
+
+			emit(CT_EV_EMPTY, cfg ? ns_tgid(t, cfg) : 0, ob, 0, 0, ol->rule);
+		}
 	}
 	if (t->flags & PF_EXITING) { /* lost a race with exit: undo unless exit did */
 		old = __sync_lock_test_and_set(&st->state, 0);
@@ -623,10 +682,12 @@ int BPF_PROG(ct_fork, struct task_struct *parent, struct task_struct *child)
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(ct_exit, struct task_struct *p)
 {
+	struct ct_config *cfg;
 	struct ct_task *st;
 	struct ct_limit *l;
 	__u64 v, bid;
 	__s64 before;
+	__u32 tgid;
 
 	if (BPF_CORE_READ(p, signal, live.counter) != 0)
 		return 0;
@@ -641,10 +702,12 @@ int BPF_PROG(ct_exit, struct task_struct *p)
 	if (!l)
 		return 0;
 	before = __sync_fetch_and_add(&l->members, -1);
+	cfg = ct_cfg();
+	tgid = cfg ? ns_tgid(p, cfg) : 0;
 	if (before <= 1)
-		emit(CT_EV_EMPTY, p->tgid, bid, 0, 0, l->rule);
+		emit(CT_EV_EMPTY, tgid, bid, 0, 0, l->rule);
 	else if (st->flags & CT_TASK_ROOT)
-		emit(CT_EV_ROOT_EXIT, p->tgid, bid, 0, 0, l->rule);
+		emit(CT_EV_ROOT_EXIT, tgid, bid, 0, 0, l->rule);
 	return 0;
 }
 
@@ -654,14 +717,15 @@ SEC("tp_btf/cgroup_attach_task")
 int BPF_PROG(ct_cgroup_attach, struct cgroup *dst, const char *path, struct task_struct *task,
 	     bool threadgroup)
 {
+	struct ct_config *cfg = ct_cfg();
 	struct ct_task *st;
 
-	if (dst->root->hierarchy_id != 0) /* cgroup v1 hierarchies do not matter */
+	if (!cfg || dst->root->hierarchy_id != 0) /* cgroup v1 hierarchies do not matter */
 		return 0;
 	st = bpf_task_storage_get(&task_budget, task->group_leader, 0, 0);
 	if (!st || !(st->state & CT_COUNTED))
 		return 0;
-	emit(CT_EV_CGROUP_MOVE, task->tgid, st->state & CT_BID_MASK, dst->kn->id, 0, 0);
+	emit(CT_EV_CGROUP_MOVE, ns_tgid(task, cfg), st->state & CT_BID_MASK, dst->kn->id, 0, 0);
 	return 0;
 }
 
@@ -816,14 +880,16 @@ int BPF_PROG(ct_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm 
 	struct ct_task *st;
 	struct ct_rule *r;
 	struct inode *ino;
-	__u32 slot, flags;
+	__u32 slot, flags, tgid;
 	__u64 bid;
 
 	x.cfg = ct_cfg();
 	if (!x.cfg || !x.cfg->nrules)
 		return 0;
-	if (p->tgid <= 1 || p->tgid == x.cfg->daemon_tgid)
-		return 0; /* never pid 1 (systemd re-executes itself), never the daemon */
+	tgid = ns_tgid(p, x.cfg);
+	if (tgid <= 1 || tgid == x.cfg->daemon_tgid)
+		return 0; /* never pid 1 (systemd re-executes itself), never the daemon, never a
+			   * process outside the daemon's pid namespace */
 	x.task = p;
 	st = bpf_task_storage_get(&task_budget, p->group_leader, 0, 0);
 	if (st && (st->flags & CT_TASK_EXPLICIT) && (st->state & CT_COUNTED)) {
@@ -842,7 +908,7 @@ int BPF_PROG(ct_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm 
 	bpf_get_current_comm(x.comm, sizeof(x.comm));
 	bpf_loop(CT_MAX_RULES, try_rule, &x, 0);
 	if (x.user_slot && (!x.matched || x.user_slot < x.matched))
-		emit(CT_EV_EXEC, p->tgid, 0, x.ino, x.dev, x.user_slot);
+		emit(CT_EV_EXEC, tgid, 0, x.ino, x.dev, x.user_slot);
 	if (!x.matched)
 		return 0;
 	slot = x.matched - 1;
@@ -854,15 +920,15 @@ int BPF_PROG(ct_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm 
 	if (r->flags & CT_RULE_APP) {
 		bid = r->app_budget;
 	} else {
-		bid = new_rule_budget(r, slot, p->tgid, x.cfg);
+		bid = new_rule_budget(r, slot, tgid, x.cfg);
 		if (!bid)
 			return 0;
 	}
 	flags = CT_TASK_ROOT;
 	if (enroll(p->group_leader, bid, flags, x.matched))
-		emit(CT_EV_RULE, p->tgid, bid, 0, 0, x.matched);
+		emit(CT_EV_RULE, tgid, bid, 0, 0, x.matched);
 	else if (!(r->flags & CT_RULE_APP))
-		emit(CT_EV_EMPTY, p->tgid, bid, 0, 0, x.matched);
+		emit(CT_EV_EMPTY, tgid, bid, 0, 0, x.matched);
 	return 0;
 }
 
@@ -892,17 +958,25 @@ int ct_iter_task(struct bpf_iter__task *ctx)
 	struct task_struct *t = ctx->task;
 	struct ct_config *cfg = ct_cfg();
 	struct ct_member_rec rec;
+	struct ct_self_rec self;
 	struct ct_task *st;
 	__u64 bid, v;
+	__u32 tgid;
 
 	if (!t || !cfg || t->pid != t->tgid || (t->flags & PF_KTHREAD))
 		return 0;
 	bid = cfg->iter_budget;
+	tgid = ns_tgid(t, cfg);
 	switch (cfg->iter_op) {
+	case CT_ITER_SELF:
+		self.pid_level = BPF_CORE_READ(t, thread_pid, level);
+		self.cgroup_level = BPF_CORE_READ(t, nsproxy, cgroup_ns, root_cset, dfl_cgrp, level);
+		bpf_seq_write(ctx->meta->seq, &self, sizeof(self));
+		break;
 	case CT_ITER_ENROLL:
 		/* the root comes through a pid_fd filter (exact identity, no pid numbers);
 		 * descendants are found by ancestry */
-		if (t->tgid == cfg->iter_tgid)
+		if (tgid == cfg->iter_tgid)
 			enroll(t, bid, (cfg->iter_arg & 0xff) | CT_TASK_ROOT, cfg->iter_arg >> 8);
 		else if (descends_from(t, bid))
 			enroll(t, bid, cfg->iter_arg & 0xff & ~CT_TASK_ROOT, cfg->iter_arg >> 8);
@@ -919,7 +993,7 @@ int ct_iter_task(struct bpf_iter__task *ctx)
 
 			if (l)
 				__sync_fetch_and_add(&l->members, -1);
-			rec.tgid = t->tgid;
+			rec.tgid = tgid;
 			rec.flags = 0;
 			rec.budget = bid;
 			bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
@@ -931,7 +1005,7 @@ int ct_iter_task(struct bpf_iter__task *ctx)
 			break;
 		if (bid && (st->state & CT_BID_MASK) != bid)
 			break;
-		rec.tgid = t->tgid;
+		rec.tgid = tgid;
 		rec.flags = st->flags | (st->rule << 8);
 		rec.budget = st->state & CT_BID_MASK;
 		bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
@@ -999,7 +1073,7 @@ int ct_iter_files(struct bpf_iter__task_file *ctx)
 		if (!tag)
 			break;
 		if (!tag->tgid || bid)
-			tag->tgid = t->tgid;
+			tag->tgid = ns_tgid(t, cfg);
 		if (bid && tag->budget != bid) {
 			tag->budget = bid;
 			bpf_seq_write(ctx->meta->seq, &bid, sizeof(bid));
@@ -1032,7 +1106,7 @@ int ct_iter_files(struct bpf_iter__task_file *ctx)
 		tag = bpf_sk_storage_get(&sk_tag, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (tag) {
 			if (!tag->tgid)
-				tag->tgid = t->tgid;
+				tag->tgid = ns_tgid(t, cfg);
 			tag->unit = cfg->iter_budget;
 		}
 		break;

@@ -31,6 +31,7 @@
 #define CT_MAX_CLASSES 16384 /* budgets and units with a download queue class */
 #define CT_MAX_CHECKS 64     /* budgets cross-checked per socket census */
 #define CT_MAX_ACTIVE 4096   /* budgets with traffic between two samples */
+#define CT_MAX_DEVICES 256   /* devices a limited download arrived on */
 #define CT_EVENTS_BYTES (256 * 1024)
 
 /* Budget ids are 64-bit and never reused: the daemon counts up from 1, the kernel (budgets
@@ -147,6 +148,7 @@ struct ct_traffic {
 #define CT_ITER_TAG 4      /* task_file: tag the sockets of members of budgets */
 #define CT_ITER_CHECK 5    /* task_file: sum TCP counters of budgets in `checks` */
 #define CT_ITER_UNIT 6     /* task_file: set tag->unit of sockets below iter_budget (a cgroup id) */
+#define CT_ITER_SELF 7     /* task: print a ct_self_rec of the visited task (the daemon itself) */
 
 /* Runtime configuration written by the daemon (array map, one entry; the daemon is its only
  * writer: the kernel's own counter of budget ids lives in the map kernel_bids). */
@@ -161,6 +163,9 @@ struct ct_config {
 	__u32 flags;           /* CT_CFG_* */
 	__u32 iter_arg;        /* iterator argument (enroll: ct_task flags | rule slot + 1 << 8) */
 	__u64 sample_gen;      /* bumped by every sample: budgets with traffic report once */
+	__u32 pid_level;       /* the daemon's pid namespace level: every pid the kernel
+				* reports or stores is the one the daemon sees (0 on a host) */
+	__u32 _pad1;
 };
 
 #define CT_CFG_BUDGETS 0x1     /* some budget exists: socket use is watched */
@@ -224,6 +229,7 @@ struct ct_dir_key {
 #define CT_EV_FULL 9       /* a = which map (CT_FULL_*) */
 #define CT_EV_CGROUP_MOVE 10 /* tgid (a member) moved to cgroup a */
 #define CT_EV_PEER 11      /* a limited passive connection: its established peer needs pacing */
+#define CT_EV_DEVICE 12    /* a limited download arrived on device a (ifindex): queue there */
 
 #define CT_FULL_LIMITS 1
 #define CT_FULL_TASKS 2
@@ -248,6 +254,12 @@ struct ct_member_rec {
 	__u64 budget;
 };
 
+/* The daemon's own place, seen from the kernel (CT_ITER_SELF). */
+struct ct_self_rec {
+	__u32 pid_level;       /* level of its pid namespace (0: the initial one) */
+	__u32 cgroup_level;    /* level, in the whole hierarchy, of its cgroup namespace's root */
+};
+
 struct ct_check {
 	__u64 received;        /* TCP bytes_received of the budget's sockets */
 	__u64 acked;           /* TCP bytes_acked */
@@ -261,7 +273,7 @@ _Static_assert(sizeof(struct ct_task) == 16, "ct_task ABI");
 _Static_assert(sizeof(struct ct_sk_tag) == 64, "ct_sk_tag ABI");
 _Static_assert(sizeof(struct ct_peer_key) == 40, "ct_peer_key ABI");
 _Static_assert(sizeof(struct ct_traffic) == 32, "ct_traffic ABI");
-_Static_assert(sizeof(struct ct_config) == 56, "ct_config ABI");
+_Static_assert(sizeof(struct ct_config) == 64, "ct_config ABI");
 _Static_assert(sizeof(struct ct_global) == 80, "ct_global ABI");
 _Static_assert(sizeof(struct ct_rule) == 96, "ct_rule ABI");
 _Static_assert(sizeof(struct ct_exe_key) == 16, "ct_exe_key ABI");
@@ -269,5 +281,6 @@ _Static_assert(sizeof(struct ct_dir_key) == 16, "ct_dir_key ABI");
 _Static_assert(sizeof(struct ct_event) == 56, "ct_event ABI");
 _Static_assert(sizeof(struct ct_member_rec) == 16, "ct_member_rec ABI");
 _Static_assert(sizeof(struct ct_check) == 24, "ct_check ABI");
+_Static_assert(sizeof(struct ct_self_rec) == 8, "ct_self_rec ABI");
 
 #endif /* CHADTHROTTLE_THROTTLE_H */

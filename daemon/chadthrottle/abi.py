@@ -24,6 +24,7 @@ MAX_WATCH = 4096
 MAX_CLASSES = 16384
 MAX_CHECKS = 64
 MAX_ACTIVE = 4096
+MAX_DEVICES = 256
 
 KERNEL_BID = 1 << 62
 COUNTED = 1 << 63
@@ -42,6 +43,7 @@ ITER_CENSUS = 3
 ITER_TAG = 4
 ITER_CHECK = 5
 ITER_UNIT = 6
+ITER_SELF = 7
 
 CFG_BUDGETS = 0x1
 CFG_EXEC_DIRS = 0x2
@@ -66,6 +68,7 @@ EV_RETAG = 8
 EV_FULL = 9
 EV_CGROUP_MOVE = 10
 EV_PEER = 11
+EV_DEVICE = 12
 
 FULL_LIMITS = 1
 FULL_TASKS = 2
@@ -172,6 +175,8 @@ class Config(ctypes.Structure):
         ("flags", c_uint32),
         ("iter_arg", c_uint32),
         ("sample_gen", c_uint64),
+        ("pid_level", c_uint32),
+        ("_pad1", c_uint32),
     ]
 
 
@@ -239,6 +244,13 @@ class MemberRec(ctypes.Structure):
     ]
 
 
+class SelfRec(ctypes.Structure):
+    _fields_ = [
+        ("pid_level", c_uint32),
+        ("cgroup_level", c_uint32),
+    ]
+
+
 class Check(ctypes.Structure):
     _fields_ = [
         ("received", c_uint64),
@@ -264,6 +276,7 @@ STRUCTS = {
     "ct_event": Event,
     "ct_member_rec": MemberRec,
     "ct_check": Check,
+    "ct_self_rec": SelfRec,
 }
 
 #: every CT_* constant of the header that code here relies on: name -> value (a test checks)
@@ -272,19 +285,20 @@ CONSTANTS = {
     "CT_MAX_LEVELS": MAX_LEVELS, "CT_MAX_LIMITS": MAX_LIMITS, "CT_MAX_UNITS": MAX_UNITS,
     "CT_MAX_TRAFFIC": MAX_TRAFFIC, "CT_MAX_PEERS": MAX_PEERS, "CT_MAX_RULES": MAX_RULES,
     "CT_MAX_EXE": MAX_EXE, "CT_MAX_WATCH": MAX_WATCH, "CT_MAX_CLASSES": MAX_CLASSES,
-    "CT_MAX_CHECKS": MAX_CHECKS, "CT_MAX_ACTIVE": MAX_ACTIVE,
+    "CT_MAX_CHECKS": MAX_CHECKS, "CT_MAX_ACTIVE": MAX_ACTIVE, "CT_MAX_DEVICES": MAX_DEVICES,
     "CT_LIMIT_CLASS_ASKED": LIMIT_CLASS_ASKED, "CT_TASK_EXPLICIT": TASK_EXPLICIT,
     "CT_TASK_ROOT": TASK_ROOT, "CT_SK_CB": SK_CB, "CT_SK_PEER_REG": SK_PEER_REG,
     "CT_ITER_ENROLL": ITER_ENROLL, "CT_ITER_RELEASE": ITER_RELEASE,
     "CT_ITER_CENSUS": ITER_CENSUS, "CT_ITER_TAG": ITER_TAG, "CT_ITER_CHECK": ITER_CHECK,
-    "CT_ITER_UNIT": ITER_UNIT, "CT_CFG_BUDGETS": CFG_BUDGETS, "CT_CFG_EXEC_DIRS": CFG_EXEC_DIRS,
+    "CT_ITER_UNIT": ITER_UNIT, "CT_ITER_SELF": ITER_SELF, "CT_CFG_BUDGETS": CFG_BUDGETS,
+    "CT_CFG_EXEC_DIRS": CFG_EXEC_DIRS,
     "CT_CFG_PEERS": CFG_PEERS, "CT_RULE_ACTIVE": RULE_ACTIVE, "CT_RULE_EXE": RULE_EXE,
     "CT_RULE_COMM": RULE_COMM, "CT_RULE_UID": RULE_UID, "CT_RULE_UNIT": RULE_UNIT,
     "CT_RULE_USER": RULE_USER, "CT_RULE_APP": RULE_APP, "CT_EV_EMPTY": EV_EMPTY,
     "CT_EV_ROOT_EXIT": EV_ROOT_EXIT, "CT_EV_EXEC": EV_EXEC, "CT_EV_RULE": EV_RULE,
     "CT_EV_CLASS": EV_CLASS, "CT_EV_CGROUP_RMDIR": EV_CGROUP_RMDIR,
     "CT_EV_CGROUP_MKDIR": EV_CGROUP_MKDIR, "CT_EV_RETAG": EV_RETAG, "CT_EV_FULL": EV_FULL,
-    "CT_EV_CGROUP_MOVE": EV_CGROUP_MOVE, "CT_EV_PEER": EV_PEER,
+    "CT_EV_CGROUP_MOVE": EV_CGROUP_MOVE, "CT_EV_PEER": EV_PEER, "CT_EV_DEVICE": EV_DEVICE,
     "CT_FULL_LIMITS": FULL_LIMITS, "CT_FULL_TASKS": FULL_TASKS, "CT_FULL_PEERS": FULL_PEERS,
     "CT_FULL_TRAFFIC": FULL_TRAFFIC,
 }

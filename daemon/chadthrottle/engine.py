@@ -162,14 +162,10 @@ class Engine:
     def close(self) -> None:
         """Detach every program, remove every device and qdisc the engine added, free the
         object: every limit ends with it."""
-        if self.queues is not None:
-            try:
-                self.queues.close()
-            except Exception:
-                log.exception("removing the download queues failed")
-            self.queues = None
         if self.kernel:
-            kernel, self.kernel = self.kernel, None
+            if self.budgets is not None:
+                self.budgets.listeners.clear()
+                self.units.listeners.clear()
             if self.pacer and self.budgets and len(self.budgets):
                 # release paced sockets before the programs go (nothing re-paces them later)
                 for b in list(self.budgets.by_bid.values()):
@@ -178,6 +174,14 @@ class Engine:
                     self.pacer.repace()
                 except OSError:
                     log.debug("release of paced sockets failed", exc_info=True)
+        if self.queues is not None:
+            try:
+                self.queues.close()
+            except Exception:
+                log.exception("removing the download queues failed")
+            self.queues = None
+        if self.kernel:
+            kernel, self.kernel = self.kernel, None
             kernel.close()
 
     pacer: Pacer | None = None
@@ -460,6 +464,12 @@ class Engine:
             out.append(Notice(NOTICE_EXEC, ev.tgid, other=ev.rule))
         elif t == abi.EV_CLASS:
             self.on_class_needed(ev.budget, unit=bool(ev.a))
+        elif t == abi.EV_DEVICE:
+            if self.queues is not None:
+                try:
+                    self.queues.device_needed(int(ev.a))
+                except Exception:
+                    log.exception("cannot add a download queue on device %d", ev.a)
         elif t == abi.EV_CGROUP_RMDIR:
             self.attachments.on_rmdir(ev.a)
             self.units.on_rmdir(ev.a)

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 MAPS = (
     names.MAP_SK_TAG, names.MAP_TASK_BUDGET, names.MAP_LIMITS, names.MAP_LIMIT_CFG,
     names.MAP_UNIT_LIMITS, names.MAP_UNIT_CFG, names.MAP_PROC_TRAFFIC, names.MAP_PEER_PACE,
-    names.MAP_DL_CLASS, names.MAP_RULES, names.MAP_EXE_RULES, names.MAP_EXE_DIRS,
+    names.MAP_DL_CLASS, names.MAP_DL_DEVICES, names.MAP_RULES, names.MAP_EXE_RULES,
+    names.MAP_EXE_DIRS,
     names.MAP_WATCH_CGROUPS, names.MAP_ACTIVE, names.MAP_CHECKS, names.MAP_CONFIG,
     names.MAP_GLOBAL_STATS, names.MAP_KERNEL_BIDS, names.MAP_EVENTS,
 )
@@ -32,6 +33,8 @@ class Kernel:
         self.obj = BpfObject(path)
         self.fds: dict[str, int] = {}
         self.config = abi.Config()
+        self.pid_level = 0
+        self.cgroup_level = 0
         self._ring: RingBuffer | None = None
         self._pending: list[abi.Event] = []
 
@@ -45,7 +48,28 @@ class Kernel:
             self.fds[m] = self.obj.map_fd(m)
         self.config.daemon_tgid = os.getpid()
         self.write_config()
+        self.pid_level, self.cgroup_level = self._where_am_i()
+        self.config.pid_level = self.pid_level
+        self.write_config()
         self._ring = self.obj.ring_buffer(names.MAP_EVENTS, self._on_event)
+
+    def _where_am_i(self) -> tuple[int, int]:
+        """The levels of the daemon's pid namespace and of its cgroup namespace's root, as
+        the kernel counts them.  In a container both are above 0: pids the kernel reports
+        are then translated to the daemon's namespace, and cgroup levels are counted from
+        the real root."""
+        fd = os.pidfd_open(os.getpid())
+        try:
+            raw = self.iterate(names.PROG_ITER_TASK, abi.ITER_SELF, pid_fd=fd)
+        finally:
+            os.close(fd)
+        if len(raw) < ctypes.sizeof(abi.SelfRec):
+            return 0, 0
+        rec = abi.SelfRec.from_buffer_copy(raw)
+        if rec.pid_level or rec.cgroup_level:
+            log.info("in a container: pid namespace level %d, cgroup namespace root at "
+                     "level %d", rec.pid_level, rec.cgroup_level)
+        return rec.pid_level, rec.cgroup_level
 
     def close(self) -> None:
         if self._ring is not None:

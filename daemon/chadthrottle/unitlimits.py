@@ -65,7 +65,8 @@ class UnitLimits:
             if rel in self._units:
                 self.clear(rel)
             return None
-        lvl = cgroups.level(rel)
+        # the kernel counts levels from the real root (a container's is deeper)
+        lvl = cgroups.level(rel) + self._kernel.cgroup_level
         if lvl >= abi.MAX_LEVELS:
             raise Unsupported(f"cgroup {rel} is {lvl} levels deep; at most "
                               f"{abi.MAX_LEVELS - 1} are supported")

@@ -4,8 +4,11 @@
   comes (and comes back after a stop);
 * live statistics: Subscribe + Stats where the daemon has them, ListProcesses once a second
   where it does not (today's daemon) — real curl traffic shows up either way;
-* signals forged by another user's connection (LimitChanged, LimitRemoved, Stats unicast to
-  the applet, PropertiesChanged of Limits, RulesChanged) never reach the applet;
+* signals forged by another connection (LimitChanged, LimitRemoved, Stats unicast to the
+  applet, PropertiesChanged of Limits, RulesChanged) never reach the applet.  The bus
+  policy refuses these signals from other users (see
+  test_issue7_forged_signals_are_refused_by_the_bus), so the forger here is another root
+  connection: what is left for the client to check is the sender;
 * a change the applet made is told apart from someone else's (for the notifications).
 """
 
@@ -27,7 +30,6 @@ pytestmark = [requires_root, requires_bpf_object, pytest.mark.gui]
 
 PROBE = Path(__file__).with_name("client_probe.py")
 FORGED_PID = 4242
-NOBODY = 65534
 MiB = 1024 * 1024
 
 
@@ -55,11 +57,11 @@ class Probe(LineProgram):
 
 
 def forge(address: str, *gdbus_args: str) -> None:
-    """Emit a signal from another user's connection (uid 65534) claiming to be the daemon."""
+    """Emit a signal from another connection claiming to be the daemon (as root: the bus
+    policy refuses our signals from anyone else)."""
     env = dbus_helpers.env_with(address)
     p = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         "gdbus", "emit", "--system", "--object-path", names.OBJECT_PATH, *gdbus_args],
+        ["gdbus", "emit", "--system", "--object-path", names.OBJECT_PATH, *gdbus_args],
         env=env, capture_output=True, text=True, timeout=15)
     assert p.returncode == 0, p.stderr
 
@@ -114,7 +116,7 @@ def test_client_follows_the_daemon_and_believes_only_its_owner(gui_deps, private
             probe.expect(f"a sample with curl (PID {curl.pid})",
                          lambda e: e["event"] == "stats" and curl.pid in e["pids"])
 
-            # forged by another user: broadcast signals, and a Stats unicast to the probe
+            # forged by another connection: broadcast signals, and a Stats unicast to the probe
             forge(private_bus, "--signal", f"{names.INTERFACE}.LimitChanged",
                   f"uint32 {FORGED_PID}", "uint64 1024", "uint64 0")
             forge(private_bus, "--signal", f"{names.INTERFACE}.LimitRemoved",

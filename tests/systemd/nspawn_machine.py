@@ -42,6 +42,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -52,15 +53,22 @@ from pathlib import Path
 SUITE = "bookworm"
 VARIANT = "minbase"
 #: systemd + dbus (DESIGN §3d), the runtime dependencies of chadthrottle from the Debian
-#: packages (python3-dbus-fast, python3-systemd, python3-rich, libbpf1), what ``make install``
-#: needs (make, pip, setuptools, wheel; no clang: the BPF object is built on the host and ships
-#: as package data), and the tools the checks use (bpftool, iproute2, curl, procps).
+#: packages (python3-dbus-fast, python3-systemd, python3-rich, python3-tomli-w,
+#: python3-pyroute2, python3-prometheus-client, libbpf1), what ``make install`` needs (make,
+#: pip, setuptools, wheel; no clang: the BPF object is built on the host and ships as package
+#: data), and the tools the checks use (bpftool, iproute2, curl, procps).
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "libpam-systemd",
     "python3", "python3-dbus-fast", "python3-systemd", "python3-rich", "libbpf1",
+    "python3-tomli-w", "python3-pyroute2", "python3-prometheus-client",
     "make", "python3-pip", "python3-setuptools", "python3-wheel",
     "bpftool", "iproute2", "curl", "procps",
 )
+#: what Debian 12 does not package in a version the project needs: ``make install`` installs
+#: it with pip, as on any bookworm machine.  The container has no network, so pip's download
+#: is made on the host when the tree is built and left in WHEELS for pip to find there.
+PIP_ONLY = ("pydantic>=2.5,<3",)
+WHEELS = "opt/chadthrottle-wheels"
 #: what BPF needs inside the container (see the module docstring for why each)
 BPF_FLAGS = ("--capability=CAP_BPF,CAP_PERFMON", "--system-call-filter=bpf")
 CACHE_DIR = Path(os.environ.get("CHADTHROTTLE_TEST_CACHE", "/var/cache/chadthrottle-test"))
@@ -78,7 +86,8 @@ class MachineError(RuntimeError):
 
 
 def tree_key() -> str:
-    spec = {"suite": SUITE, "variant": VARIANT, "packages": sorted(PACKAGES), "format": 1}
+    spec = {"suite": SUITE, "variant": VARIANT, "packages": sorted(PACKAGES),
+            "pip": sorted(PIP_ONLY), "format": 2}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -140,6 +149,15 @@ def ensure_tree(log: Callable[[str], None] = print) -> tuple[Path, float]:
         if p.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise MachineError(f"mmdebstrap failed (rc={p.returncode}):\n{p.stderr[-4000:]}")
+        wheels = ["pip", "download", "--quiet", "--only-binary=:all:", "--dest",
+                  str(tmp / WHEELS), "--python-version", "3.11", "--implementation", "cp",
+                  "--platform", "manylinux2014_x86_64", *PIP_ONLY]
+        log("downloading for the tree: " + " ".join(wheels))
+        p = subprocess.run([sys.executable, "-m", *wheels], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise MachineError(f"pip download failed (rc={p.returncode}):\n{p.stderr[-4000:]}")
         (tmp / STAMP).write_text(tree_key() + "\n")
         tmp.rename(tree)
         return tree, time.monotonic() - t0
@@ -481,7 +499,9 @@ def install(m: Machine) -> None:
     reload dbus.  No compiler in the tree: make must not try to rebuild the object."""
     clang = m.run("command -v clang", check=False)
     assert not clang.ok, "the container tree must not have clang (the object ships prebuilt)"
-    r = m.run(f"cd {SRC_IN_CONTAINER} && make install", timeout=300, check=False)
+    # pip finds what Debian lacks in the wheels fetched on the host (no network in here)
+    r = m.run(f"cd {SRC_IN_CONTAINER} && PIP_NO_INDEX=1 PIP_FIND_LINKS=/{WHEELS} make install",
+              timeout=300, check=False)
     assert r.ok, f"make install failed inside the container:\n{r}"
     assert "CLANG" not in r.out, f"make install tried to rebuild the BPF object:\n{r}"
     for path in ("/usr/local/bin/chadthrottled", "/usr/local/bin/chadthrottlectl",

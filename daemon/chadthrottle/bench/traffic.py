@@ -95,15 +95,17 @@ def serve(host: str, port: int) -> None:
 class HttpServer:
     """The server in its own process (so it is never part of the process under test)."""
 
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", prefix: Sequence[str] = ()):
+        """prefix: run the server through it (``ip netns exec NAME`` for another namespace)."""
         self.host = host
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
     def __enter__(self) -> HttpServer:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chadthrottle.bench.traffic", "serve", "--host", self.host],
-            stdout=subprocess.PIPE, text=True, env=_env())
+            [*self.prefix, sys.executable, "-m", "chadthrottle.bench.traffic", "serve",
+             "--host", self.host], stdout=subprocess.PIPE, text=True, env=_env())
         assert self.proc.stdout
         line = self.proc.stdout.readline()
         if not line.strip().isdigit():

@@ -166,7 +166,9 @@ class RuleBook:
             if len(keys.cgroup_ids) == 1:
                 cgid = next(iter(keys.cgroup_ids))
                 rel = self._cgroup_of_id(cgid)
-                unit = (cgroups.level(rel), cgid) if rel is not None else None
+                level = cgroups.level(rel) + self._engine.kernel.cgroup_level \
+                    if rel is not None else None
+                unit = (level, cgid) if level is not None else None
             if unit is None:
                 user = True  # no such cgroup yet, or several: user space decides
         dirs = set()

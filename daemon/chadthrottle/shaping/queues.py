@@ -5,9 +5,10 @@ put in a queue of that limit's own and released at the limit's rate, so TCP sees
 RTT instead of losses; the limited sockets' receive windows are bounded (sock_ops) so the
 queue never overflows.  What the daemon adds, only while some limit has a download rate:
 
-* per uplink (every up, non-loopback device of the daemon's network namespace that is no
-  bridge port), an ifb device ``ctifb<ifindex>`` (link alias ``chadthrottle``) with an htb
-  root ``1:`` and one class ``1:<n>`` (with a byte FIFO) per limit with remote downloads;
+* per device a limited download arrived on (the packet path reports each such device
+  once; loopback, ifb devices and bridge ports are never used), an ifb device
+  ``ctifb<ifindex>`` (link alias ``chadthrottle``) with an htb root ``1:`` and one class
+  ``1:<n>`` (with a packet FIFO) per limit with remote downloads;
 * on the uplink's ingress, a clsact qdisc with one filter: our classifier (``chadthrottle``,
   preference 0xC7A7), which looks the packet's socket up, and for a limited one sets the
   class and redirects the packet to the ifb (mirred).  A device whose ingress already has a
@@ -79,6 +80,7 @@ class Queues:
         self._minor: dict[int, int] = {}   # class key -> minor
         self._rate: dict[int, int] = {}    # class key -> download rate (payload bytes/s)
         self._wanted: dict[int, int] = {}  # every limit with a download rate -> its rate
+        self._devices: set[int] = set()    # devices limited downloads arrived on
         self._free = list(range(LAST_MINOR, FIRST_MINOR - 1, -1))
         self._ipr = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="netlink")
@@ -233,9 +235,17 @@ class Queues:
         for index in list(self._uplinks):
             if index not in present:
                 self._uplinks.pop(index)
-        for index, link in present.items():
-            if index not in self._uplinks and link.get_attr("IFLA_IFNAME") not in self.refused:
+        for index in self._devices:
+            link = present.get(index)
+            if link is not None and index not in self._uplinks \
+                    and link.get_attr("IFLA_IFNAME") not in self.refused:
                 self._install(link)
+
+    @_on_net_thread
+    def device_needed(self, ifindex: int) -> None:
+        """A limited download arrived on this device."""
+        self._devices.add(ifindex)
+        self._scan()
 
     # -- classes -----------------------------------------------------------------------
     def _add_class(self, up: _Uplink, minor: int, rate: int) -> None:
@@ -335,6 +345,12 @@ class Queues:
         self._minor.clear()
         self._rate.clear()
         self.refused.clear()
+        self._devices.clear()
+        try:  # the packet path reports devices again from now on
+            for key in libbpf.map_keys(self._kernel.fd(names.MAP_DL_DEVICES), ctypes.c_uint32):
+                libbpf.map_delete(self._kernel.fd(names.MAP_DL_DEVICES), ctypes.c_uint32(key))
+        except (OSError, KeyError):
+            pass
         self._free = list(range(LAST_MINOR, FIRST_MINOR - 1, -1))
         if final and self._ipr is not None:
             self._ipr.close()
