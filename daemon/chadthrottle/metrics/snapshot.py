@@ -74,7 +74,6 @@ class RuleRow:
     enabled: bool
     permanent: bool
     processes: int  # processes it limits now
-    limits: int  # limits (budgets) it holds now
     dirs: tuple[RuleDirection, RuleDirection]
 
 
