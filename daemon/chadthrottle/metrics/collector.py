@@ -215,4 +215,7 @@ class SnapshotCollector(Collector):
         yield from families(self._source())
 
     def describe(self) -> list[Metric]:
-        return []  # nothing to check at registration (and no scrape before the loop runs)
+        """The families without samples: their names let the registry serve
+        ``?name[]=...`` without gathering anything at registration."""
+        return families(Snapshot(0.0, "", kernel=tuple(
+            (field, "", 0) for field in KERNEL_COUNTERS)))
