@@ -21,11 +21,11 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from chadthrottle import names
+from chadthrottle import abi, names
 from chadthrottle.config import ListenAddress
 from chadthrottle.errors import MetricsUnavailable
 from chadthrottle.metrics.collector import SnapshotCollector, families
-from chadthrottle.metrics.gather import label
+from chadthrottle.metrics.gather import counters_of, label
 from chadthrottle.metrics.http import MetricsServer
 from chadthrottle.metrics.snapshot import (
     Counters,
@@ -139,6 +139,15 @@ def test_names_chosen_by_others_cannot_break_the_exposition() -> None:
     comms = {x.labels["comm"] for x in by_name(text)[names.METRIC_LIMIT_BYTES]}
     assert comms == {"curl", EVIL}  # escaped in the exposition, the same after parsing
     assert label("\udcff") == "\\udcff"  # undecodable bytes cannot make the output fail
+
+
+def test_counters_are_read_from_the_abi_layout() -> None:
+    v = abi.Limit()
+    for d in range(abi.DIRS):
+        b = v.dir[d]
+        b.passed_bytes, b.passed_packets = 1000 + d, 10 + d
+        b.dropped_bytes, b.dropped_packets, b.calls = 500 + d, 5 + d, 99
+    assert counters_of(v) == (Counters(1000, 10, 5, 500), Counters(1001, 11, 6, 501))
 
 
 def test_describe_gives_names_for_name_filters() -> None:

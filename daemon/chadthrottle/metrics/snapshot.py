@@ -9,27 +9,27 @@ can be read from any thread once it is published.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 DIRECTIONS = ("download", "upload")
 
 
-@dataclass(frozen=True, slots=True)
-class Counters:
-    """Cumulative counters of one direction (since the limit, rule or daemon began)."""
+class Counters(NamedTuple):
+    """Cumulative counters of one direction (since the limit, rule or daemon began).
+    Tuples, not dataclasses: a snapshot makes several per limit, and these are cheaper."""
 
     bytes: int = 0  # passed
     packets: int = 0  # passed
     dropped_packets: int = 0
     dropped_bytes: int = 0
 
-    def __add__(self, other: Counters) -> Counters:
+    def plus(self, other: Counters) -> Counters:
         return Counters(self.bytes + other.bytes, self.packets + other.packets,
                         self.dropped_packets + other.dropped_packets,
                         self.dropped_bytes + other.dropped_bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class Direction:
+class Direction(NamedTuple):
     """One direction of a limit: its counters, its rate over the last window, the limit in
     force (0: this direction is not limited) and the verdict (names.STATUS_*)."""
 
@@ -39,8 +39,7 @@ class Direction:
     status: str
 
 
-@dataclass(frozen=True, slots=True)
-class LimitRow:
+class LimitRow(NamedTuple):
     """One limit (a budget): the process it was set on or matched for, and its members."""
 
     pid: int
