@@ -15,6 +15,7 @@ import stat
 import subprocess
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,60 @@ def test_scrape_during_limited_transfers(system_bus, tmp_path, dirs) -> None:
     assert one(om, names.METRIC_BUILD_INFO, version=chadthrottle.__version__) == 1
     assert one(om, "chadthrottle_bpf_program_calls_total", direction="download") > 0
     assert one(om, "process_resident_memory_bytes") > 0
+
+
+@pytest.fixture
+def unit_cgroup():
+    """A cgroup of our own below the cgroup2 mount; removed at the end (its processes have
+    ended by then: the transfers inside are stopped by pid first)."""
+    path = cgroups.cgroup2_mount() / f"chadthrottle-metrics-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for _ in range(100):
+            try:
+                path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:  # a process still leaving
+                time.sleep(0.1)
+
+
+def test_unit_limit_series(system_bus, tmp_path, dirs, unit_cgroup) -> None:
+    config, state = dirs
+    port = free_port()
+    unit = "/" + unit_cgroup.name
+    d = start_daemon(system_bus, tmp_path / "daemon.log", f"--metrics-listen=127.0.0.1:{port}",
+                     env=env_with(system_bus, CHADTHROTTLE_CONFIG_DIR=str(config),
+                                  CHADTHROTTLE_STATE_DIR=str(state)))
+    try:
+        with HttpServer() as srv, \
+                Transfer(paced_download(srv.url(FREE_BYTES), 2 * LIMIT, SECONDS),
+                         max_seconds=SECONDS, start_paused=True) as inside:
+            # in the cgroup before its first socket: a socket keeps the cgroup it was made in
+            (unit_cgroup / "cgroup.procs").write_text(str(inside.pid))
+            r = d.call("SetUnitLimit", f"string:{unit}", f"uint64:{LIMIT}", "uint64:0")
+            assert r.ok, r
+            inside.release()
+            time.sleep(6)
+            _, body = scrape(f"http://127.0.0.1:{port}/metrics", OPENMETRICS)
+            inside.stop()
+        assert d.call("ClearUnitLimit", f"string:{unit}").ok
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log()[-3000:]
+    om = series(parse_om(body))
+    dl = dict(unit=unit, direction="download")
+    assert one(om, names.METRIC_UNIT_MAX, **dl) == LIMIT
+    rate = one(om, names.METRIC_UNIT_RATE, **dl)
+    assert 0.5 * LIMIT <= rate <= 1.5 * LIMIT, rate
+    assert one(om, names.METRIC_UNIT_BYTES, **dl) > 0
+    [status] = pick(om, names.METRIC_UNIT_STATUS, **dl)
+    assert dict(status)["status"] == names.STATUS_THROTTLED
+    assert not pick(om, names.METRIC_UNIT_MAX, unit=unit, direction="upload")
+    assert not pick(om, names.METRIC_LIMIT_BYTES)  # no process limit: no per-pid series
 
 
 def test_unix_socket_reload_notice_and_cleanup(system_bus, tmp_path, dirs) -> None:
