@@ -131,14 +131,14 @@ class Gatherer:
     # ---- once a second -------------------------------------------------------------------
     def tick(self) -> None:
         budgets = self._engine.budgets
-        if self._rule_last or any(b.origin == ORIGIN_RULE for b in budgets.by_bid.values()):
-            for bid in self._engine.sampler.active_budgets():
-                b = budgets.by_bid.get(bid)
-                if b is None or b.origin != ORIGIN_RULE:
-                    continue
-                v = budgets.read(bid)
-                if v is not None:
-                    self._rule_last[bid] = (b.rule, counters_of(v))
+        for bid in self._engine.sampler.active_budgets():  # those with traffic: cheap
+            b = budgets.by_bid.get(bid)
+            if b is None or b.origin != ORIGIN_RULE:
+                continue
+            v = budgets.read(bid)
+            if v is not None:
+                self._rule_last[bid] = (b.rule, counters_of(v))
+        if self._rule_last:
             self._retire(budgets.by_bid)
         if len(self._engine.units):
             self._read_units()
@@ -172,7 +172,7 @@ class Gatherer:
                                             abi.Limit, abi.MAX_LIMITS))
         active = e.sampler.active_budgets()
         limits: list[LimitRow] = []
-        per_rule: dict[str, list] = {}  # rule -> [(counters, rates, statuses, members)]
+        per_rule: dict[str, list] = {}  # rule -> [(directions, members)] of its limits
         seen_pids: set[int] = set()
         by_origin: dict[str, int] = {}
         for bid, b in list(e.budgets.by_bid.items()):
