@@ -122,6 +122,13 @@ def test_scrape_during_limited_transfers(system_bus, tmp_path, dirs) -> None:
             limited_total = limited.total
             ruled_comm = procfs.comm(ruled.pid)
             limited_unit = unit_of(limited.pid)
+        # every transfer has ended (stopped by pid): their limits end, the rule's totals stay
+        deadline = time.monotonic() + 10
+        while True:
+            time.sleep(1.1)  # a scrape within a second would share the previous snapshot
+            after = series(parse_text(scrape(url)[1]))
+            if not pick(after, names.METRIC_LIMIT_BYTES) or time.monotonic() > deadline:
+                break
     finally:
         rc = d.stop()
     assert rc == 0, d.log()[-3000:]
@@ -177,6 +184,13 @@ def test_scrape_during_limited_transfers(system_bus, tmp_path, dirs) -> None:
         names.STATUS_PROGRAM_NOT_CALLED}
     assert one(om, names.METRIC_RULE_INFO, rule=RULE_ID, scope="process",
                permanent="true", enabled="true") == 1
+
+    # after the processes ended: no limit series, the rule's counters kept what it held
+    assert not pick(after, names.METRIC_LIMIT_BYTES)
+    assert one(after, names.METRIC_RULE_PROCESSES, rule=RULE_ID) == 0
+    assert one(after, names.METRIC_RULE_BYTES, **rule) >= one(text, names.METRIC_RULE_BYTES,
+                                                               **rule) > 0
+    assert one(after, names.METRIC_BUDGETS, origin="explicit") == 0
 
     # ---- unlimited processes: no series of their own, summed instead
     pids = {dict(lab).get("pid") for (_, lab) in om} - {None}
