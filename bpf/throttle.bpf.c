@@ -379,8 +379,9 @@ static __always_inline int charge_limit(struct ct_limit *l, struct ct_limit_cfg 
 	return pass;
 }
 
-static __always_inline void account(__u32 tgid, int dir, __u64 len)
+static __always_inline void flush_traffic(struct ct_sk_tag *tag)
 {
+	__u32 tgid = tag->tgid;
 	struct ct_traffic *t = bpf_map_lookup_elem(&proc_traffic, &tgid);
 
 	if (!t) {
@@ -391,8 +392,20 @@ static __always_inline void account(__u32 tgid, int dir, __u64 len)
 		if (!t)
 			return;
 	}
-	t->bytes[dir & 1] += len;
-	t->packets[dir & 1]++;
+	for (int d = 0; d < CT_DIRS; d++) {
+		t->bytes[d] += tag->pend_bytes[d];
+		t->packets[d] += tag->pend_pkts[d];
+		tag->pend_bytes[d] = 0;
+		tag->pend_pkts[d] = 0;
+	}
+}
+
+/* Count a packet for the socket's owner: in the tag, moved to proc_traffic in batches. */
+static __always_inline void account(struct ct_sk_tag *tag, int dir, __u64 len)
+{
+	tag->pend_bytes[dir & 1] += len;
+	if (++tag->pend_pkts[dir & 1] >= CT_FLUSH_PACKETS && tag->tgid)
+		flush_traffic(tag);
 }
 
 /* A limited download came in on a device other than loopback: the first time, the daemon
@@ -444,23 +457,23 @@ static __always_inline int unit_charge(struct __sk_buff *skb, struct ct_config *
 
 static __always_inline int handle(struct __sk_buff *skb, int dir)
 {
-	struct ct_global *g = ct_stats();
 	struct ct_config *cfg = ct_cfg();
 	struct bpf_sock *sk = skb->sk;
 	struct ct_sk_tag *tag = 0;
+	struct ct_global *g;
 	__u64 now = 0, len = skb->len;
 	int pass = 1, fresh = 0;
 
-	if (!g || !cfg)
+	if (!cfg)
 		return CT_PASS;
-	g->calls[dir & 1]++;
-
 	if (sk)
 		sk = bpf_sk_fullsock(sk);
 	if (sk)
 		tag = bpf_sk_storage_get(&sk_tag, sk, 0, 0);
 	if (!tag) {
-		g->untagged[dir & 1]++;
+		g = ct_stats();
+		if (g)
+			g->untagged[dir & 1]++;
 		if (!cfg->unit_levels)
 			return CT_PASS;
 	}
@@ -496,7 +509,7 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 		}
 	}
 	if (tag && pass)
-		account(tag->tgid, dir, len);
+		account(tag, dir, len);
 	if (pass && cfg->unit_levels) {
 		if (!now) {
 			now = bpf_ktime_get_ns();
@@ -506,7 +519,9 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 	}
 	if (pass)
 		return CT_PASS;
-	g->dropped[dir & 1]++;
+	g = ct_stats();
+	if (g)
+		g->dropped[dir & 1]++;
 	return dir == CT_DIR_UPLOAD ? CT_DROP_CN : CT_DROP;
 }
 
@@ -541,6 +556,17 @@ int ct_sock_create(struct bpf_sock *sk)
 	tag->tgid = current_tgid(cfg);
 	st = bpf_task_storage_get(&task_budget, task->group_leader, 0, 0);
 	tag->budget = task_bid(st);
+	return 1;
+}
+
+/* A socket closes: what its tag still holds goes to its owner's counters. */
+SEC("cgroup/sock_release")
+int ct_sock_release(struct bpf_sock *sk)
+{
+	struct ct_sk_tag *tag = bpf_sk_storage_get(&sk_tag, sk, 0, 0);
+
+	if (tag && tag->tgid && (tag->pend_pkts[0] || tag->pend_pkts[1]))
+		flush_traffic(tag);
 	return 1;
 }
 

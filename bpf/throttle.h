@@ -45,6 +45,10 @@
 /* Activity epochs: sockets that moved data in the last epoch share a budget's rate. */
 #define CT_EPOCH_NS 100000000ULL /* 100 ms */
 
+/* Per-process counters are added up in the socket's tag and moved to proc_traffic every
+ * CT_FLUSH_PACKETS packets (and when the socket closes): one hash update per 16 packets. */
+#define CT_FLUSH_PACKETS 16
+
 /* One token bucket, its counters, and its socket activity (the pacing divisor).  rate == 0:
  * this direction is not limited (counters still run).  tokens may go negative: a packet is
  * admitted while tokens > -slack (the unpaced first segments of a TCP connection and the
@@ -122,6 +126,8 @@ struct ct_sk_tag {
 	__u32 clamp;           /* TCP_WINDOW_CLAMP last applied (0: never) */
 	__u32 cwnd;            /* TCP_BPF_SNDCWND_CLAMP last applied (0: never) */
 	__u32 rx;              /* packets received since the window bound was put back */
+	__u64 pend_bytes[CT_DIRS]; /* not yet added to the owner's proc_traffic (batched) */
+	__u32 pend_pkts[CT_DIRS];
 };
 
 #define CT_SK_CB 0x1       /* sock_ops callbacks (RTT, STATE) are on */
@@ -174,7 +180,6 @@ struct ct_config {
 
 /* Whole-program counters (per-CPU array, one entry). */
 struct ct_global {
-	__u64 calls[CT_DIRS];
 	__u64 untagged[CT_DIRS];  /* packets whose socket carries no tag */
 	__u64 dropped[CT_DIRS];
 	__u64 paced;              /* SO_MAX_PACING_RATE updates */
@@ -270,11 +275,11 @@ _Static_assert(sizeof(struct ct_bucket) == 96, "ct_bucket ABI");
 _Static_assert(sizeof(struct ct_limit) == 248, "ct_limit ABI");
 _Static_assert(sizeof(struct ct_limit_cfg) == 64, "ct_limit_cfg ABI");
 _Static_assert(sizeof(struct ct_task) == 16, "ct_task ABI");
-_Static_assert(sizeof(struct ct_sk_tag) == 64, "ct_sk_tag ABI");
+_Static_assert(sizeof(struct ct_sk_tag) == 88, "ct_sk_tag ABI");
 _Static_assert(sizeof(struct ct_peer_key) == 40, "ct_peer_key ABI");
 _Static_assert(sizeof(struct ct_traffic) == 32, "ct_traffic ABI");
 _Static_assert(sizeof(struct ct_config) == 64, "ct_config ABI");
-_Static_assert(sizeof(struct ct_global) == 80, "ct_global ABI");
+_Static_assert(sizeof(struct ct_global) == 64, "ct_global ABI");
 _Static_assert(sizeof(struct ct_rule) == 96, "ct_rule ABI");
 _Static_assert(sizeof(struct ct_exe_key) == 16, "ct_exe_key ABI");
 _Static_assert(sizeof(struct ct_dir_key) == 16, "ct_dir_key ABI");

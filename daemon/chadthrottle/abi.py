@@ -30,6 +30,7 @@ KERNEL_BID = 1 << 62
 COUNTED = 1 << 63
 BID_MASK = COUNTED - 1
 EPOCH_NS = 100_000_000
+FLUSH_PACKETS = 16
 
 LIMIT_CLASS_ASKED = 0x1
 TASK_EXPLICIT = 0x1
@@ -144,6 +145,8 @@ class SkTag(ctypes.Structure):
         ("clamp", c_uint32),
         ("cwnd", c_uint32),
         ("rx", c_uint32),
+        ("pend_bytes", c_uint64 * DIRS),
+        ("pend_pkts", c_uint32 * DIRS),
     ]
 
 
@@ -182,7 +185,6 @@ class Config(ctypes.Structure):
 
 class Global(ctypes.Structure):
     _fields_ = [
-        ("calls", c_uint64 * DIRS),
         ("untagged", c_uint64 * DIRS),
         ("dropped", c_uint64 * DIRS),
         ("paced", c_uint64),
@@ -285,7 +287,8 @@ CONSTANTS = {
     "CT_MAX_LEVELS": MAX_LEVELS, "CT_MAX_LIMITS": MAX_LIMITS, "CT_MAX_UNITS": MAX_UNITS,
     "CT_MAX_TRAFFIC": MAX_TRAFFIC, "CT_MAX_PEERS": MAX_PEERS, "CT_MAX_RULES": MAX_RULES,
     "CT_MAX_EXE": MAX_EXE, "CT_MAX_WATCH": MAX_WATCH, "CT_MAX_CLASSES": MAX_CLASSES,
-    "CT_MAX_CHECKS": MAX_CHECKS, "CT_MAX_ACTIVE": MAX_ACTIVE, "CT_MAX_DEVICES": MAX_DEVICES,
+    "CT_FLUSH_PACKETS": FLUSH_PACKETS, "CT_MAX_CHECKS": MAX_CHECKS, "CT_MAX_ACTIVE": MAX_ACTIVE,
+    "CT_MAX_DEVICES": MAX_DEVICES,
     "CT_LIMIT_CLASS_ASKED": LIMIT_CLASS_ASKED, "CT_TASK_EXPLICIT": TASK_EXPLICIT,
     "CT_TASK_ROOT": TASK_ROOT, "CT_SK_CB": SK_CB, "CT_SK_PEER_REG": SK_PEER_REG,
     "CT_ITER_ENROLL": ITER_ENROLL, "CT_ITER_RELEASE": ITER_RELEASE,

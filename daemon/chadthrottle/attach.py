@@ -27,11 +27,14 @@ from .errors import NoSuchProcess, Unsupported
 
 log = logging.getLogger("chadthrottle.attach")
 
-DATA_PROGRAMS = (names.PROG_SOCK_CREATE, names.PROG_INGRESS, names.PROG_EGRESS)
+DATA_PROGRAMS = (names.PROG_SOCK_CREATE, names.PROG_SOCK_RELEASE, names.PROG_INGRESS,
+                 names.PROG_EGRESS)
 CONTROL_PROGRAMS = (names.PROG_SOCKOPS, names.PROG_SETSOCKOPT)
-TRACING_PROGRAMS = (names.PROG_FORK, names.PROG_EXIT, names.PROG_EXEC, names.PROG_SOCK_SEND,
-                    names.PROG_SOCK_RECV, names.PROG_CGROUP_ATTACH, names.PROG_CGROUP_MKDIR,
-                    names.PROG_CGROUP_RMDIR)
+TRACING_PROGRAMS = (names.PROG_FORK, names.PROG_EXIT, names.PROG_EXEC, names.PROG_CGROUP_ATTACH,
+                    names.PROG_CGROUP_MKDIR, names.PROG_CGROUP_RMDIR)
+#: every send and receive system call of the machine runs these: attached only while some
+#: budget exists (a limited process using a socket it did not create is charged for it)
+SOCKET_USE_PROGRAMS = (names.PROG_SOCK_SEND, names.PROG_SOCK_RECV)
 OWNER = "attach"
 
 
@@ -49,6 +52,7 @@ class Attachments:
         self._watches = watches
         self._attached: dict[str, _Attached] = {}
         self._lost: set[str] = set()  # attached parents whose cgroup was removed
+        self._socket_use: list[Link] = []
 
     def open(self, *, monitor_root: bool = False) -> None:
         obj = self._kernel.obj
@@ -59,6 +63,16 @@ class Attachments:
             obj.attach_cgroup(p, root)
         if monitor_root:
             self.ensure("")
+
+    def watch_socket_use(self, on: bool) -> None:
+        """Attach (or detach) the send/receive tracepoints."""
+        obj = self._kernel.obj
+        if on and not self._socket_use:
+            self._socket_use = [obj.attach_tracing(p) for p in SOCKET_USE_PROGRAMS]
+        elif not on and self._socket_use:
+            for link in self._socket_use:
+                obj.detach(link)
+            self._socket_use = []
 
     @property
     def attached(self) -> list[str]:

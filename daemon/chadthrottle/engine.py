@@ -144,6 +144,8 @@ class Engine:
             self.units = UnitLimits(kernel, self.cg, self.attachments, self.watches, self.pacer)
             self.matcher = ExecMatcher(kernel)
             self.sampler = Sampler(kernel, self.budgets)
+            self.budgets.listeners.append(
+                lambda bid, rate: self.attachments.watch_socket_use(bool(len(self.budgets))))
             queues = Queues(kernel)
             queues.cleanup_leftovers()  # what a crashed run left never keeps limiting
             if self.use_queues:

@@ -61,14 +61,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _upload(self) -> None:
         n = int(self.headers.get("Content-Length") or 0)
         got = 0
+        progress = _progress_file()
         try:
             while got < n:
-                b = self.rfile.read(min(CHUNK, n - got))
+                b = self.rfile.read1(min(CHUNK, n - got))
                 if not b:
                     break
                 got += len(b)
+                if progress is not None:  # (time, bytes so far): the receiver's own count
+                    progress.write(f"{time.monotonic():.6f} {got}\n")
         except (ConnectionResetError, TimeoutError):
             pass
+        finally:
+            if progress is not None:
+                progress.close()
         body = f"{got}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -77,6 +83,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = _upload  # noqa: N815
     do_PUT = _upload  # noqa: N815
+
+
+def _progress_file():
+    """Where an upload's progress is written, when the server was asked to (env)."""
+    path = os.environ.get("CHADTHROTTLE_BENCH_PROGRESS")
+    return open(path, "a", buffering=1) if path else None  # noqa: SIM115 - closed by caller
+
+
+def read_progress(path: str | os.PathLike, t0: float) -> list[tuple[float, int]]:
+    """The (seconds since t0, bytes) an upload server wrote, for Transfer-like rates."""
+    out = [(0.0, 0)]
+    try:
+        for line in Path(path).read_text().splitlines():
+            t, n = line.split()
+            out.append((float(t) - t0, int(n)))
+    except FileNotFoundError:
+        pass
+    return out
 
 
 class _V6Server(ThreadingHTTPServer):
@@ -95,17 +119,21 @@ def serve(host: str, port: int) -> None:
 class HttpServer:
     """The server in its own process (so it is never part of the process under test)."""
 
-    def __init__(self, host: str = "127.0.0.1", prefix: Sequence[str] = ()):
-        """prefix: run the server through it (``ip netns exec NAME`` for another namespace)."""
+    def __init__(self, host: str = "127.0.0.1", prefix: Sequence[str] = (),
+                 progress: str | os.PathLike | None = None):
+        """prefix: run the server through it (``ip netns exec NAME`` for another namespace);
+        progress: uploads append "time bytes" lines to this file as they arrive."""
         self.host = host
         self.prefix = list(prefix)
+        self.progress = progress
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
     def __enter__(self) -> HttpServer:
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "chadthrottle.bench.traffic", "serve",
-             "--host", self.host], stdout=subprocess.PIPE, text=True, env=_env())
+             "--host", self.host], stdout=subprocess.PIPE, text=True,
+            env=_env(CHADTHROTTLE_BENCH_PROGRESS=str(self.progress) if self.progress else ""))
         assert self.proc.stdout
         line = self.proc.stdout.readline()
         if not line.strip().isdigit():
@@ -127,8 +155,8 @@ class HttpServer:
             terminate(self.proc)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, **extra)
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -232,8 +260,15 @@ class Transfer:
 
 
 def curl_download(url: str, seconds: float) -> list[str]:
-    """curl writing the body to stdout, bounded by --max-time."""
+    """curl writing the body to stdout (unbuffered), bounded by --max-time."""
     return ["curl", "-sS", "-N", "--max-time", str(int(seconds) + 1), "-o", "-", url]
+
+
+def curl_upload(url: str, path: str | os.PathLike, seconds: float) -> list[str]:
+    """curl sending a file (PUT, with its length, without waiting for "100 Continue"),
+    bounded by --max-time."""
+    return ["curl", "-sS", "-H", "Expect:", "--max-time", str(int(seconds) + 1),
+            "-o", "/dev/null", "-T", str(path), url]
 
 
 def retransmits() -> int:
