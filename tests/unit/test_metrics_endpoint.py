@@ -61,7 +61,7 @@ def sample_snapshot(taken: float = 0.0) -> Snapshot:
         attached_cgroups=2, budgets=(("explicit", 1), ("rule", 1)), subscribers=1,
         sampling=True, samples=17, sample_seconds=0.0004,
         bus_calls=(("GetStats", 3), ("SetLimit", 1)),
-        kernel=(("calls", "download", 10), ("calls", "upload", 11), ("full", "", 0),
+        kernel=(("untagged", "download", 10), ("untagged", "upload", 11), ("full", "", 0),
                 ("brand_new", "", 5)),
         build_seconds=0.002)
 
@@ -123,7 +123,7 @@ def test_daemon_gauges_map_fill_and_kernel_counters() -> None:
     assert [x.labels["map"] for x in s[names.METRIC_MAP_ENTRIES]] == ["limits"]  # not events
     assert {x.labels["member"]: x.value for x in s[names.METRIC_BUS_CALLS]} == {
         "GetStats": 3, "SetLimit": 1}
-    assert {x.labels["direction"] for x in s["chadthrottle_bpf_program_calls_total"]} == {
+    assert {x.labels["direction"] for x in s["chadthrottle_bpf_untagged_packets_total"]} == {
         "download", "upload"}
     assert s["chadthrottle_bpf_map_full_total"][0].value == 0
     assert s["chadthrottle_bpf_brand_new_total"][0].value == 5  # a new kernel counter shows
