@@ -43,8 +43,25 @@ class InvalidRule(ChadthrottleError):
         self.source = source
 
 
+class MetricsUnavailable(ChadthrottleError):
+    """A scrape could not get the daemon's figures in time (its event loop is busy or
+    stopping): the endpoint answers 503."""
+
+
 class NoSuchRule(ChadthrottleError):
     """Removing (or naming) a rule id that does not exist."""
+
+
+class InvalidConfig(ChadthrottleError):
+    """The daemon's settings file (``chadthrottled.toml``) or a setting given on the command
+    line cannot be accepted: unknown key, wrong type, bad value, not TOML.  The message names
+    the key and the file (or the option); ``key`` and ``source`` carry them."""
+
+    def __init__(self, message: str, *, key: str | None = None,
+                 source: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.source = source
 
 class AuthorizationFailed(ChadthrottleError):
     """The authority could not answer (polkit did not reply, the bus refused the call for

@@ -1,6 +1,7 @@
 """Where chadthrottled keeps its configuration and its runtime state (DESIGN.md §2b).
 
-* config dir: ``/etc/chadthrottle``; permanent rules in ``<config dir>/rules.d/<id>.toml``;
+* config dir: ``/etc/chadthrottle``; permanent rules in ``<config dir>/rules.d/<id>.toml``,
+  the daemon's settings in ``<config dir>/chadthrottled.toml`` (:mod:`chadthrottle.config`);
 * state dir: ``/run/chadthrottle``; runtime rules and the limits set with SetLimit in
   ``<state dir>/state.json`` (survives a daemon restart, not a reboot).
 
@@ -20,6 +21,7 @@ DEFAULT_STATE_DIR = "/run/chadthrottle"
 ENV_CONFIG_DIR = "CHADTHROTTLE_CONFIG_DIR"
 ENV_STATE_DIR = "CHADTHROTTLE_STATE_DIR"
 RULES_SUBDIR = "rules.d"
+SETTINGS_FILE = "chadthrottled.toml"
 STATE_FILE = "state.json"
 
 
@@ -31,6 +33,10 @@ class Paths:
     @property
     def rules_dir(self) -> Path:
         return self.config_dir / RULES_SUBDIR
+
+    @property
+    def settings_file(self) -> Path:
+        return self.config_dir / SETTINGS_FILE
 
     @property
     def state_file(self) -> Path:

@@ -146,8 +146,9 @@ class Sampler:
         for t, c in h.points:
             if t <= now - RATE_WINDOW:
                 start_t, start = t, c
-        t_from = max(start_t, now - RATE_WINDOW)
-        dt = max(now - t_from, 1e-3)
+        # the counters moved between the two points: divide by the time between them (not
+        # by the time since start_t until now, which halved the rate just before a sample)
+        dt = max(t_end - start_t, 1e-3)
         return Window(
             dt,
             tuple((end[d].passed_bytes - start[d].passed_bytes) / dt for d in range(abi.DIRS)),

@@ -6,8 +6,13 @@ before the name is taken), connect to the system bus (``DBUS_SYSTEM_BUS_ADDRESS`
 honoured), export the object, install the gate, watch NameOwnerChanged (subscribers that
 leave the bus are forgotten), *then* request the name, then tell systemd READY=1.
 SIGHUP (``systemctl reload``) re-reads the permanent rules (its default action would end
-the daemon, and systemd counts that as a clean exit: no restart).  SIGTERM/SIGINT: release the
+the daemon, and systemd counts that as a clean exit: no restart); the settings file
+(``<config dir>/chadthrottled.toml``, :mod:`chadthrottle.config`) is read at start only, and
+a reload says in the journal when it changed.  SIGTERM/SIGINT: release the
 name, detach everything (engine.close()), exit 0.
+
+With ``[metrics] listen`` set, an OpenMetrics endpoint (:mod:`chadthrottle.metrics`) listens
+before the name is taken; a listener that cannot bind stops the start.
 
 Sampling (once a second) runs only while something needs it: a Stats subscriber, a
 process or unit limit, ``--monitor-all``, or a client that read rates (GetStats,
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import resource
@@ -30,8 +36,8 @@ from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
-from .. import __version__, names, paths
-from ..errors import ChadthrottleError
+from .. import __version__, config, names, paths
+from ..errors import ChadthrottleError, InvalidConfig
 from . import log as logsetup
 from .diagnostics import INTERVAL as DIAG_INTERVAL
 from .diagnostics import Diagnostics
@@ -48,6 +54,8 @@ NAME_OWNER_CHANGED_RULE = (f"type='signal',sender='{names.BUS_DRIVER}',"
                            f"path='{names.BUS_DRIVER_PATH}'")
 EXIT_OK = 0
 EXIT_FAILURE = 1
+#: the settings file or a setting on the command line is wrong (systemd's EXIT_NOTCONFIGURED)
+EXIT_NOT_CONFIGURED = 6
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,14 +70,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: the journal when its socket exists, else stderr")
     p.add_argument("--bpf-object", default=None, help="path of throttle.bpf.o (default: bundled)")
     p.add_argument("--cgroup-root", default=None, help="cgroup2 mount (default: discovered)")
-    p.add_argument("--monitor-all", action="store_true",
-                   default=os.environ.get("CHADTHROTTLE_MONITOR_ALL") == "1",
+    p.add_argument("--monitor-all", action=argparse.BooleanOptionalAction, default=None,
                    help="attach at the cgroup2 root at start, so ListProcesses (and "
                         "chadthrottlectl top) shows every process with traffic before any "
                         "limit is set; by default programs attach lazily, once per stable "
-                        "parent cgroup of a limited process (also $CHADTHROTTLE_MONITOR_ALL=1)")
+                        "parent cgroup of a limited process (also monitor_all in "
+                        "chadthrottled.toml, or $CHADTHROTTLE_MONITOR_ALL=1)")
+    p.add_argument("--metrics-listen", default=None, metavar="ADDR",
+                   help=f"serve OpenMetrics on ADDR: an IP address and port "
+                        f"({config.SUGGESTED_LISTEN}, [::1]:9917) or unix:/PATH; '' for "
+                        f"none (default: [metrics] listen in chadthrottled.toml, else none)")
     p.add_argument("--config-dir", default=None, metavar="DIR",
-                   help=f"configuration directory; permanent rules are DIR/rules.d/*.toml "
+                   help=f"configuration directory: the settings are DIR/{paths.SETTINGS_FILE}, "
+                        f"permanent rules DIR/rules.d/*.toml "
                         f"(default: ${paths.ENV_CONFIG_DIR}, else {paths.DEFAULT_CONFIG_DIR})")
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help=f"runtime state (limits and runtime rules kept across a restart) "
@@ -97,6 +110,7 @@ class Daemon:
         self._wake = asyncio.Event()  # the sampler: something may need samples now
         self._subs_changed = asyncio.Event()  # the Stats loop: re-plan
         self._sampling: bool | None = None  # unknown until the sampler first looks
+        self.metrics = None  # the metrics endpoint, when configured
 
     async def run(self) -> int:
         from ..engine import Engine
@@ -127,6 +141,11 @@ class Daemon:
             self.core.restore()
             self._watch = DirWatch(self.core.rules.refresh_kernel)
             self._on_rules_changed()
+            settings = getattr(self.args, "settings", None)
+            if settings is not None and settings.metrics is not None:
+                notify("STATUS=starting the metrics endpoint")
+                if not self._start_metrics(settings.metrics, loop):
+                    return EXIT_FAILURE
             notify("STATUS=connecting to the system bus")
             self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
             _grow_send_buffer(self.bus)
@@ -151,6 +170,8 @@ class Daemon:
                 loop.create_task(self._every(DIAG_INTERVAL, self._diagnose), name="diag"),
                 loop.create_task(self._bus_watch(), name="bus"),
             ]
+            if self.metrics is not None:
+                tasks.append(loop.create_task(self.metrics.ticks(), name="metrics"))
             wd = watchdog_interval()
             if wd:
                 tasks.append(loop.create_task(self._every(wd, self._watchdog), name="watchdog"))
@@ -164,6 +185,32 @@ class Daemon:
 
     exit_code = EXIT_OK
 
+    def _start_metrics(self, address, loop) -> bool:
+        """Listen for scrapes; False (logged, with what to do) when it cannot."""
+        from ..metrics.endpoint import MetricsEndpoint
+        from ..metrics.gather import Gatherer
+
+        gatherer = Gatherer(
+            self.engine,
+            rules=lambda: self.core.rules.rules.values(),
+            bus_calls=lambda: dict(self.gate.calls) if self.gate is not None else {},
+            subscribers=lambda: len(self.subs) if self.subs is not None else 0,
+            sampling=lambda: bool(self._sampling))
+        endpoint = MetricsEndpoint(address, gatherer, loop)
+        try:
+            endpoint.start()
+        except OSError as e:
+            hint = ""
+            if e.errno == errno.EAFNOSUPPORT:
+                hint = (" (the packaged unit allows AF_UNIX and AF_NETLINK sockets only: "
+                        "install packaging/chadthrottled-metrics.conf as a drop-in, or "
+                        "listen on unix:/PATH)")
+            log.error("cannot serve metrics on %s: %s%s", address, e, hint)
+            notify(f"STATUS=cannot serve metrics on {address}: {e}")
+            return False
+        self.metrics = endpoint
+        return True
+
     def _on_signal(self, sig: int) -> None:
         log.info("%s: detaching and exiting", signal.Signals(sig).name)
         self.stop.set()
@@ -172,6 +219,7 @@ class Daemon:
         """SIGHUP, systemctl reload: re-read the permanent rules (a broken file changes
         nothing and is named in the journal)."""
         log.info("SIGHUP: reloading the rules")
+        self._check_settings_file()
         if self.iface is None:
             return
         try:
@@ -180,6 +228,18 @@ class Daemon:
             pass  # logged with the file and the key by the rule book
         except Exception:
             log.exception("reload failed")
+
+    def _check_settings_file(self) -> None:
+        """Settings are read at start only: say so when the file no longer matches."""
+        started = getattr(self.args, "settings_file", None)
+        try:
+            now = config.load(self.args.paths.settings_file)
+        except InvalidConfig as e:
+            log.error("%s (the daemon keeps the settings it started with)", e)
+            return
+        if started is not None and now != started:
+            log.warning("%s changed: the new settings take effect when the daemon restarts "
+                        "(systemctl restart chadthrottled)", self.args.paths.settings_file)
 
     def _on_rules_changed(self) -> None:
         """Watch the directories of exe rules: a package upgrade that replaces a binary
@@ -296,6 +356,12 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         notify("STOPPING=1\nSTATUS=detaching")
+        if self.metrics is not None:
+            try:
+                self.metrics.close()
+            except Exception:
+                log.exception("closing the metrics endpoint failed")
+            self.metrics = None
         if self.bus is not None and self.bus.connected:
             try:
                 await asyncio.wait_for(self.bus.release_name(names.BUS_NAME), 2.0)
@@ -334,14 +400,32 @@ def raise_fd_limit() -> int:
     return hard
 
 
+def load_settings(args: argparse.Namespace, environ=os.environ) -> config.Effective:
+    """The settings in force: the command line, then chadthrottled.toml, then the
+    environment (InvalidConfig naming the file or option and the key)."""
+    args.settings_file = config.load(args.paths.settings_file)
+    eff = config.effective(args.settings_file, environ, log_level=args.log_level,
+                           monitor_all=args.monitor_all, metrics_listen=args.metrics_listen)
+    args.settings = eff
+    args.monitor_all = eff.monitor_all
+    return eff
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_fd_limit()
     try:
-        logsetup.setup(args.log_level, args.log_target)
+        settings = load_settings(args)
+    except InvalidConfig as e:
+        print(f"chadthrottled: cannot start: {e}", file=sys.stderr)
+        notify(f"STATUS=cannot start: {e}")
+        return EXIT_NOT_CONFIGURED
+    try:
+        logsetup.setup(settings.log_level, args.log_target)
     except ValueError as e:
         print(f"chadthrottled: {e}", file=sys.stderr)
         return 2
+    log.info("settings: %s", settings.describe())
     try:
         code = asyncio.run(Daemon(args).run())
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled in the loop

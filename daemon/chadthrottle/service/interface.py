@@ -466,6 +466,8 @@ class Gate:
         self._iface = iface
         self._auth = authorizer
         self._tasks: set[asyncio.Task] = set()
+        #: method calls on our object per member, however they ended (for the metrics)
+        self.calls: dict[str, int] = {}
 
     def __call__(self, msg: Message):
         if msg.message_type is MessageType.SIGNAL:
@@ -478,6 +480,7 @@ class Gate:
         member = MEMBERS.get(msg.member)
         if member is None:
             return None  # not ours: the library answers (UnknownMethod, Introspect, ...)
+        self.calls[member.name] = self.calls.get(member.name, 0) + 1
         wants_reply = not (msg.flags & MessageFlag.NO_REPLY_EXPECTED)
         if msg.signature != member.in_sig:
             if not wants_reply:
