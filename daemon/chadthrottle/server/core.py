@@ -13,7 +13,15 @@ import time
 from typing import Any
 
 from .. import names, procfs
-from ..engine import NOTICE_EXEC, NOTICE_EXITED, NOTICE_MOVED, NOTICE_RULE, Engine, Limit
+from ..engine import (
+    NOTICE_EXEC,
+    NOTICE_EXITED,
+    NOTICE_MOVED,
+    NOTICE_RULE,
+    ORIGIN_EXPLICIT,
+    Engine,
+    Limit,
+)
 from ..errors import ChadthrottleError, NoSuchProcess
 from ..rules.model import Rule
 from ..state import StateDir, StoredLimit, StoredUnitLimit, restorable
@@ -70,18 +78,32 @@ class Core:
     # ---- limits --------------------------------------------------------------------------
     def set_limit(self, pid: int, download: int, upload: int, *,
                   process: procfs.Process | None = None, owner_uid: int = 0) -> Limit | None:
+        had = self._explicit(pid)
+        by_rule = self.rules.rule_of(pid)
         lim = self.engine.set_limit(pid, download, upload, process=process, owner_uid=owner_uid)
         if lim is None:
             self.state.drop_limit(pid)
+            if had:
+                self.rules.match_tree(pid)
         else:
             self.state.put_limit(StoredLimit(pid=lim.pid, start_time=lim.start_time,
                                              download=lim.download, upload=lim.upload,
                                              uid=owner_uid, origin=ORIGIN_SETLIMIT))
+            if by_rule:
+                self.rules.journal_explicit(by_rule, pid)
         return lim
 
     def clear_limit(self, pid: int) -> None:
+        had = self._explicit(pid)
         self.engine.clear_limit(pid)
         self.state.drop_limit(pid)
+        if had:
+            self.rules.match_tree(pid)
+
+    def _explicit(self, pid: int) -> bool:
+        """Does pid hold a limit set with SetLimit (which wins over rules while it lives)?"""
+        lim = self.engine.limit_of(pid)
+        return lim is not None and lim.origin == ORIGIN_EXPLICIT
 
     def set_unit_limit(self, unit: str, download: int, upload: int, *, owner_uid: int = 0):
         ul = self.engine.set_unit_limit(unit, download, upload)

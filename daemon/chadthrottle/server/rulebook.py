@@ -218,12 +218,34 @@ class RuleBook:
 
     def on_exec(self, pid: int) -> None:
         """An exec the kernel could not decide alone."""
+        self._match(pid, self._inodes())
+
+    def match_tree(self, pid: int) -> None:
+        """Match a process and its descendants again: an explicit limit on them ended, so
+        the rules apply to them again (the explicit limit only won while it lived)."""
+        if not self.rules.ordered():
+            return
+        inodes = self._inodes()
+        for p in (pid, *procfs.descendants(pid)):
+            self._match(p, inodes)
+
+    def _match(self, pid: int, inodes: dict[str, frozenset]) -> None:
         facts = procinfo.read_facts(pid)
         if facts is None:
             return
-        rule = best_rule(facts, self.rules, inodes=self._inodes(), exempt={os.getpid()})
+        rule = best_rule(facts, self.rules, inodes=inodes, exempt={os.getpid()})
         if rule is not None:
             self._limit(pid, facts.start_time, rule)
+
+    def rule_of(self, pid: int) -> str:
+        """The id of the rule that limits process pid now ("" for none)."""
+        try:
+            with procfs.open_process(pid) as proc:
+                current = self._engine.budgets.budget_of(proc)
+        except NoSuchProcess:
+            return ""
+        b = self._engine.budgets.by_bid.get(current[0]) if current is not None else None
+        return b.rule if b is not None else ""
 
     def _slot(self, rule_id: str) -> int:
         for i, r in enumerate(self.rules.ordered()[:abi.MAX_RULES]):
@@ -269,3 +291,6 @@ class RuleBook:
 
     def journal_exit(self, rule_id: str, pid: int) -> None:
         self._journal_stop(rule_id, pid, "the process exited")
+
+    def journal_explicit(self, rule_id: str, pid: int) -> None:
+        self._journal_stop(rule_id, pid, "an explicit limit (SetLimit) wins")
