@@ -19,12 +19,13 @@ from ..engine import (
     NOTICE_MOVED,
     NOTICE_RULE,
     ORIGIN_EXPLICIT,
+    ORIGIN_RULE,
     Engine,
     Limit,
 )
 from ..errors import ChadthrottleError, NoSuchProcess
 from ..rules.model import Rule
-from ..state import StateDir, StoredLimit, StoredUnitLimit, restorable
+from ..state import StateDir, StoredHeir, StoredLimit, StoredUnitLimit, restorable
 from .rulebook import RuleBook
 
 log = logging.getLogger("chadthrottle.server")
@@ -69,11 +70,36 @@ class Core:
                 log.info("limit of %s not restored: %s", u.unit, e)
                 self.state.drop_unit(u.unit)
         self.rules.start(loaded.state.rules)
+        heirs = self._restore_heirs(loaded.state.heirs)
         counts = {"limits": restored, "unit_limits": units, "rules": len(self.rules.rules),
-                  "ms": round((time.monotonic() - t0) * 1000)}
+                  "heirs": heirs, "ms": round((time.monotonic() - t0) * 1000)}
         log.info("state restored: %(limits)d limit(s), %(unit_limits)d unit limit(s), "
-                 "%(rules)d rule(s) in %(ms)d ms", counts)
+                 "%(rules)d rule(s), %(heirs)d process(es) carrying a rule's limit in "
+                 "%(ms)d ms", counts)
         return counts
+
+    def _restore_heirs(self, heirs) -> int:
+        """Processes that carried a rule's limit after the process the rule matched exited:
+        the rules (matched again above) may not match them by themselves."""
+        keep, drop = restorable(heirs)
+        for heir, why in drop:
+            log.info("rule limit of PID %d not restored: %s", heir.pid, why)
+            self.state.drop_heir(heir.pid)
+        n = 0
+        for heir in keep:
+            if self.rules.restore_heir(heir.pid, heir.start_time, heir.rule):
+                n += 1
+            else:
+                log.info("rule limit of PID %d not restored: rule %s does not limit it any "
+                         "more", heir.pid, heir.rule)
+                self.state.drop_heir(heir.pid)
+        return n
+
+    def _forget_heirs(self) -> None:
+        """After a change of rules: heirs no longer limited by their rule are forgotten."""
+        for heir in self.state.heirs():
+            if self.rules.rule_of(heir.pid) != heir.rule:
+                self.state.drop_heir(heir.pid)
 
     # ---- limits --------------------------------------------------------------------------
     def set_limit(self, pid: int, download: int, upload: int, *,
@@ -136,6 +162,7 @@ class Core:
             self.state.drop_rule(rule.id)
         log.info("rule %s added (%s)", rule.id, "permanent" if rule.permanent else "runtime",
                  extra={"journal": {F + "RULE": rule.id, F + "KIND": "rule-add"}})
+        self._forget_heirs()
         return rule.id
 
     def remove_rule(self, rule_id: str) -> None:
@@ -144,12 +171,14 @@ class Core:
             self.state.drop_rule(rule_id)
         log.info("rule %s removed", rule_id,
                  extra={"journal": {F + "RULE": rule_id, F + "KIND": "rule-remove"}})
+        self._forget_heirs()
 
     def list_rules(self) -> list[tuple[Rule, int]]:
         return self.rules.listing()
 
     def reload(self) -> None:
         self.rules.reload()
+        self._forget_heirs()
 
     # ---- what the kernel reported ----------------------------------------------------------
     def on_notices(self, notices) -> None:
@@ -157,14 +186,20 @@ class Core:
             if n.kind == NOTICE_EXITED:
                 self.state.drop_limit(n.pid)
                 if n.rule:
+                    self.state.drop_heir(n.pid)
                     self.rules.journal_exit(n.rule, n.pid)
             elif n.kind == NOTICE_MOVED:
                 self.state.drop_limit(n.pid)
+                self.state.drop_heir(n.pid)
                 lim = self.engine.limit_of(n.other)
-                if lim is not None and lim.origin == "explicit":
+                if lim is not None and lim.origin == ORIGIN_EXPLICIT:
                     self.state.put_limit(StoredLimit(
                         pid=lim.pid, start_time=lim.start_time, download=lim.download,
                         upload=lim.upload, uid=lim.owner_uid, origin=ORIGIN_SETLIMIT))
+                elif lim is not None and lim.origin == ORIGIN_RULE and lim.rule:
+                    # the heir may match no rule by itself: kept, so a restart limits it
+                    self.state.put_heir(StoredHeir(pid=lim.pid, start_time=lim.start_time,
+                                                   rule=lim.rule))
             elif n.kind == NOTICE_RULE:
                 self.rules.journal_start(n.rule, n.pid)
             elif n.kind == NOTICE_EXEC:

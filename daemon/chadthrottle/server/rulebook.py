@@ -237,6 +237,17 @@ class RuleBook:
         if rule is not None:
             self._limit(pid, facts.start_time, rule)
 
+    def restore_heir(self, pid: int, start_time: int, rule_id: str) -> bool:
+        """At start: a process that carried rule ``rule_id``'s limit (it inherited it from a
+        process that exited) gets it back, unless a rule matched it by itself (that one
+        stays) or an explicit limit holds it.  True if the rule limits it now."""
+        rule = self.rules.get(rule_id)
+        if rule is None or not rule.enabled:
+            return False
+        if not self.rule_of(pid):
+            self._limit(pid, start_time, rule)
+        return self.rule_of(pid) == rule_id
+
     def rule_of(self, pid: int) -> str:
         """The id of the rule that limits process pid now ("" for none)."""
         try:
