@@ -457,6 +457,43 @@ def test_issue9_unit_rule(rig, http, procs, cgroup_tree):
     assert r_out >= FREE_MIN, r_out
 
 
+def start_paused_in(procs, tree, rel: str, argv: list[str]) -> Transfer:
+    """A process whose exec happens inside cgroup ``rel``."""
+    t = Transfer(argv, max_seconds=300, start_paused=True)
+    procs.append(t)
+    tree.move(t.pid, rel)
+    t.release()
+    wait_until(lambda: Path(f"/proc/{t.pid}/exe").resolve() == Path(argv[0]), 5,
+               f"pid {t.pid} to exec {argv[0]}")
+    return t
+
+
+def test_issue9_unit_rule_follows_the_unit_when_it_restarts(rig, procs, cgroup_tree):
+    """systemd removes a unit's cgroup when it stops and makes a new one (a new cgroup id)
+    when it starts again: the rule must hold for the new one."""
+    unit = f"ct9r-{cgroup_tree.top.rsplit('-', 1)[1]}.service"
+    scope = cgroup_tree.make(f"ct9.slice/{unit}")
+    rid = rig.add_rule(unit=unit, download=LIMIT)
+    first = start_paused_in(procs, cgroup_tree, scope, [SLEEP, "300"])
+    assert rig.stats(first.pid)["rule"] == rid
+    first.stop()
+    old_id = os.stat(cgroup_tree.root / scope).st_ino
+    (cgroup_tree.root / scope).rmdir()  # the unit stopped
+    cgroup_tree.made.remove(cgroup_tree.root / scope)
+    again = cgroup_tree.make(f"ct9.slice/{unit}")  # and started again
+    assert os.stat(cgroup_tree.root / again).st_ino != old_id
+    second = start_paused_in(procs, cgroup_tree, again, [SLEEP, "300"])
+    t0 = time.monotonic()
+    # the daemon learns the new cgroup from the change in its parent directory
+    wait_until(lambda: rig.stats(second.pid)["rule"] == rid, 2, "the rule to limit it")
+    took = time.monotonic() - t0
+    third = start_paused_in(procs, cgroup_tree, again, [SLEEP, "300"])
+    s = rig.stats(third.pid)  # from now on the kernel decides at exec again
+    assert (s["rule"], s["cgroup"], s["download_limit"]) == (rid, "/" + again, LIMIT), s
+    print(f"\na process that started in the unit's new cgroup was limited {took * 1000:.0f} ms "
+          f"after its exec")
+
+
 # --------------------------------------------------------------------------- 6. added live
 def test_issue9_rule_added_while_matching_processes_run(rig, http, procs, work):
     copy = copy_of(CURL, work / "apps")

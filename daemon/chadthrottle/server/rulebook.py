@@ -145,18 +145,34 @@ class RuleBook:
                 self._applied[rid] = _Applied(rule)
         if wanted:
             eng.attach_root()  # rules must see processes wherever they start
-        self.refresh_kernel()
+        self._load_kernel()
         self.rematch()
 
     def refresh_kernel(self) -> None:
-        """Give the exec matcher the rules with what the kernel can test now (also when a
-        watched directory changed: a replaced binary has a new inode)."""
+        """A watched directory changed: give the exec matcher what is true now.  In an exe
+        rule's directory, a replaced binary has a new inode.  In the parent of a unit
+        rule's cgroup, the unit stopped (its cgroup is gone) or started again (a new
+        cgroup, a new id): processes that started in the new cgroup before this ran (the
+        kernel still knew the old id) are matched now."""
+        before = {rid: k.cgroup_ids for rid, k in self._keys.items()}
+        dirs = self.watch_dirs()
+        self._load_kernel()
+        if any(k.cgroup_ids - before.get(rid, frozenset())
+               for rid, k in self._keys.items() if k.has_unit):
+            self.rematch()
+        if self.watch_dirs() != dirs:
+            self._on_change()  # watch where the unit's cgroups are now
+
+    def _load_kernel(self) -> None:
+        """Give the exec matcher the rules with what the kernel can test now."""
         root = str(self._engine.cg.root) if self._engine.cg else None
         krules = []
+        keys_now: dict[str, KernelKeys] = {}
         for rule in self.rules.ordered():
             keys = kernel_keys(rule, cgroup_root=root)
-            self._keys[rule.id] = keys
+            keys_now[rule.id] = keys
             krules.append(self._kernel_rule(rule, keys))
+        self._keys = keys_now
         self._engine.load_exec_rules(krules)
 
     def _kernel_rule(self, rule: Rule, keys: KernelKeys) -> KernelRule:
@@ -197,9 +213,11 @@ class RuleBook:
         return None
 
     def watch_dirs(self) -> set[str]:
+        """Directories whose changes call for :meth:`refresh_kernel`: those of exe rules
+        and the cgroup2 parents of unit rules' cgroups."""
         out: set[str] = set()
         for k in self._keys.values():
-            out |= set(k.watch_dirs)
+            out |= k.watch_dirs | k.cgroup_dirs
         return out
 
     def _inodes(self) -> dict[str, frozenset]:
