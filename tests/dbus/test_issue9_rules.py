@@ -558,6 +558,40 @@ def test_issue9_rule_rate_changed_then_removed(rig, http, procs, work):
     rig.wait_log(rf"rule {rid} stops limiting PID {t.pid}: the rule was removed")
 
 
+def test_issue9_disabled_rule_frees_its_processes_enabled_again_limits_them(rig, procs, work):
+    copy = copy_of(SLEEP, work / "apps", "ct9-toggle")
+    p = sleeper(procs, copy)
+    rid = rig.add_rule(exe=copy, download=LIMIT)
+    assert rig.stats(p.pid)["rule"] == rid
+    rig.add_rule(id=rid, exe=copy, download=LIMIT, enabled=False)
+    assert (rig.stats(p.pid)["rule"], rig.rules()[rid]["enabled"]) == ("", False)
+    late = sleeper(procs, copy)  # a disabled rule does not limit new processes either
+    assert rig.stats(late.pid)["rule"] == ""
+    rig.add_rule(id=rid, exe=copy, download=LIMIT, enabled=True)
+    assert rig.stats(p.pid)["rule"] == rig.stats(late.pid)["rule"] == rid
+    assert rig.rules()[rid]["matched"] == 2
+
+
+def test_issue9_replaced_binary_is_still_matched(rig, procs, work):
+    """A package upgrade renames a new file over the old one: same path, new inode."""
+    copy = copy_of(SLEEP, work / "apps", "ct9-upgraded")
+    rid = rig.add_rule(exe=copy, download=LIMIT)
+    old = sleeper(procs, copy)
+    assert rig.stats(old.pid)["rule"] == rid
+    new_file = Path(copy_of(SLEEP, work / "apps", ".ct9-upgraded.new"))
+    old_ino = os.stat(copy).st_ino
+    os.rename(new_file, copy)
+    assert os.stat(copy).st_ino != old_ino
+    upgraded = sleeper(procs, copy)  # at once: before the daemon saw the directory change
+    wait_until(lambda: rig.stats(upgraded.pid)["rule"] == rid, 2, "the new file's process")
+    time.sleep(0.5)  # the directory change is seen: the kernel knows the new inode
+    later = sleeper(procs, copy)
+    s = rig.stats(later.pid)
+    assert (s["rule"], s["download_limit"]) == (rid, LIMIT), s
+    assert rig.stats(old.pid)["rule"] == rid  # still running the old, deleted file
+    assert rig.rules()[rid]["matched"] == 3
+
+
 # --------------------------------------------------------------------------- 8. broken reload
 def test_issue9_broken_file_on_reload_keeps_the_old_rules(rig, http, procs, work):
     copy = copy_of(CURL, work / "apps")
@@ -611,6 +645,10 @@ def test_issue9_sigkill_and_restart_restores_limits_and_rules_refuses_reused_pid
         rig, http, procs, work):
     copy = copy_of(CURL, work / "apps")
     rid = rig.add_rule(exe=copy, download=LIMIT, name="runtime rule")
+    kept = copy_of(SLEEP, work / "apps", "ct9-kept")
+    rid_perm = rig.add_rule(exe=kept, download=2 * LIMIT, permanent=True)
+    by_perm = sleeper(procs, kept)
+    assert (rig.rules_d / f"{rid_perm}.toml").exists()
     by_rule = download(procs, copy, http, 8)
     by_set = download(procs, CURL, http, 8, paused=True)
     rig.set_limit(by_set.pid, LIMIT)
@@ -637,7 +675,8 @@ def test_issue9_sigkill_and_restart_restores_limits_and_rules_refuses_reused_pid
     rig.start()
     t_owned = time.monotonic()
     limits = rig.limits()
-    s_rule, s_set, s_reused = (rig.stats(p) for p in (by_rule.pid, by_set.pid, reused.pid))
+    s_rule, s_set, s_reused, s_perm = (rig.stats(p) for p in (by_rule.pid, by_set.pid,
+                                                              reused.pid, by_perm.pid))
     rules = rig.rules()
     back_in = time.monotonic() - t_owned
     t_back = now_since(by_set)
@@ -645,6 +684,8 @@ def test_issue9_sigkill_and_restart_restores_limits_and_rules_refuses_reused_pid
     assert (s_set["download_limit"], s_set["rule"]) == (LIMIT, ""), s_set
     assert (s_rule["download_limit"], s_rule["rule"]) == (LIMIT, rid), s_rule
     assert (rules[rid]["permanent"], rules[rid]["matched"]) == (False, 1), rules
+    assert (s_perm["download_limit"], s_perm["rule"]) == (2 * LIMIT, rid_perm), s_perm
+    assert rules[rid_perm]["permanent"] is True
     assert reused.pid not in limits and s_reused["download_limit"] == 0, (limits, s_reused)
     assert back_in < 1.0, back_in
     assert not fake.exists()
