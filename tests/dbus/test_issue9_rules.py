@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     Daemon,
+    Listener,
     as_user,
     dbus_send,
     env_with,
@@ -638,6 +639,39 @@ def test_issue9_broken_file_on_reload_keeps_the_old_rules(rig, http, procs, work
     assert in_band(r_before), r_before
     assert in_band(r_kept), r_kept
     assert in_band(r_new), r_new
+
+
+def test_issue9_rules_changed_after_add_remove_reload_not_after_a_refused_one(rig, procs,
+                                                                              work):
+    listener = Listener(rig.address, f"type='signal',sender='{names.BUS_NAME}',"
+                                     f"interface='{names.INTERFACE}',member='RulesChanged'")
+    procs.append(listener.proc)
+
+    def count() -> int:
+        return sum(1 for x in listener.signals() if x["member"] == "RulesChanged")
+
+    def expect(n: int) -> None:
+        wait_until(lambda: count() >= n, 5, f"{n} RulesChanged")
+        time.sleep(0.3)
+        assert count() == n, listener.signals()
+
+    rid = rig.add_rule(comm="ct9-signal", download=LIMIT)
+    expect(1)
+    rig.rules_d.mkdir(parents=True)
+    (rig.rules_d / "perm.toml").write_text(f'comm = "ct9-perm"\nupload = {LIMIT}\n')
+    assert rig.send("Reload").ok
+    expect(2)
+    (rig.rules_d / "broken.toml").write_text("comm = 5\n")
+    assert rig.send("Reload").error == names.ERR_INVALID_RULE
+    os.kill(rig.daemon.pid, signal.SIGHUP)
+    rig.wait_log(r"reload refused: .*broken\.toml: key 'comm'")
+    expect(2)  # nothing changed: no signal
+    (rig.rules_d / "broken.toml").unlink()
+    os.kill(rig.daemon.pid, signal.SIGHUP)  # systemctl reload
+    expect(3)
+    rig.remove_rule(rid)
+    expect(4)
+    assert set(rig.rules()) == {"perm"}
 
 
 # --------------------------------------------------------------------------- 9. crash, restart
