@@ -1,8 +1,8 @@
 """Where chadthrottled keeps its configuration and its runtime state (DESIGN.md §2b).
 
 * config dir: ``/etc/chadthrottle``; permanent rules in ``<config dir>/rules.d/<id>.toml``;
-* state dir: ``/run/chadthrottle``; runtime rules and the limits set with SetLimit in
-  ``<state dir>/state.json`` (survives a daemon restart, not a reboot).
+* state dir: ``/run/chadthrottle``; runtime rules and the limits set with SetLimit, one file
+  per entry (see :mod:`chadthrottle.state`; survives a daemon restart, not a reboot).
 
 Each is overridden by its command-line option, else by its environment variable
 (``CHADTHROTTLE_CONFIG_DIR``, ``CHADTHROTTLE_STATE_DIR``; an empty value counts as unset).
