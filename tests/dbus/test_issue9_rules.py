@@ -55,7 +55,7 @@ SLEEP = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
 SH = os.path.realpath(shutil.which("sh") or "/bin/sh")
 TRUE = os.path.realpath(shutil.which("true") or "/bin/true")
 JOURNALD = "/lib/systemd/systemd-journald"
-BUS_TIMEOUT = 90  # seconds: a daemon busy with an exec storm answers late (see test 10b)
+BUS_TIMEOUT = 90  # seconds: a daemon busy with an exec storm answers late (see the storm tests)
 
 
 # --------------------------------------------------------------------------- the rig
@@ -78,7 +78,7 @@ def _variant_args(keys: dict) -> list[str]:
     """AddRule's a{sv} as busctl arguments, with each key's contract type."""
     out = ["a{sv}", str(len(keys))]
     for key, value in keys.items():
-        sig = names.RULE_KEY_SIGNATURES[key] if key in names.RULE_KEY_SIGNATURES else "s"
+        sig = names.RULE_KEY_SIGNATURES.get(key, "s")  # id: s
         text = ("true" if value else "false") if sig == "b" else str(value)
         out += [key, sig, text]
     return out
@@ -376,7 +376,8 @@ def test_issue9_cmdline_rule(rig, http, procs, work):
 
 
 # --------------------------------------------------------------------------- 4. uid
-def test_issue9_uid_rule_with_a_real_user(rig, http, procs, user):
+def test_issue9_uid_rule_with_a_real_user(user, rig, http, procs):
+    # `user` first: its removal comes after its processes are stopped
     _, uid, gid = user
     rid = rig.add_rule(uid=uid, download=LIMIT)
     running = sleeper(procs, prefix=tuple(as_user(uid, gid)))  # before: matched at once
@@ -789,11 +790,25 @@ def daemon_map(pid: int, name: str) -> int:
     raise AssertionError(f"the daemon {pid} has no map {name!r}")
 
 
-def map_entries(map_id: int) -> int:
+def map_dump(map_id: int) -> list:
     r = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    return len(json.loads(r.stdout))
+    return json.loads(r.stdout)
+
+
+def map_entries(map_id: int) -> int:
+    return len(map_dump(map_id))
+
+
+def kernel_budgets_made(pid: int) -> int:
+    """How many budgets the daemon's kernel side made at exec (the map kernel_bids counts
+    them), from bpftool's raw bytes or its BTF-formatted value."""
+    (entry,) = map_dump(daemon_map(pid, "kernel_bids"))
+    value = entry.get("formatted", entry)["value"]
+    if isinstance(value, list):
+        return int.from_bytes(bytes(int(b, 16) for b in value), "little")
+    return int(value)
 
 
 @pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool is not installed")
@@ -804,13 +819,15 @@ def test_issue9_exec_storm_leaves_no_budget_behind(rig, procs, work):
     maps = {name: daemon_map(rig.daemon.pid, name) for name in ("limits", "limit_cfg")}
     base = {name: map_entries(i) for name, i in maps.items()}
     lost_before = rig.log().count("map is full")
+    made_before = kernel_budgets_made(rig.daemon.pid)
     t0 = time.monotonic()
     storm = subprocess.run([SH, "-c", f'i=0; while [ "$i" -lt {n} ]; do "{short}" || exit 1; '
                                       f'i=$((i + 1)); done'], timeout=120)
     took = time.monotonic() - t0
     assert storm.returncode == 0
-    # every one of them was a member of a budget of its own: the kernel reported them
-    wait_until(lambda: rig.log().count(f"rule {rid} ") >= 1, 10, "the rule's journal lines")
+    # every one of them was matched at exec and got a budget of its own
+    made = kernel_budgets_made(rig.daemon.pid) - made_before
+    assert made == n, made
 
     def settled():
         return (rig.rules()[rid]["matched"] == 0 and rig.limits() == {}
@@ -823,8 +840,8 @@ def test_issue9_exec_storm_leaves_no_budget_behind(rig, procs, work):
           f"map entries before {base}, after {after}")
     assert after == base
     assert rig.log().count("map is full") == lost_before
-    assert not list((rig.state / "limits").glob("*.json")) if (rig.state / "limits").exists() \
-        else True
+    # nothing of the storm was kept for a restart
+    assert not list(rig.state.glob("limits/*.json")) and not list(rig.state.glob("heirs/*"))
     # the daemon still limits the next one
     p = sleeper(procs, copy_of(SLEEP, work / "apps", "ct9-sleep"))
     assert rig.stats(p.pid)["rule"] == ""
@@ -850,8 +867,13 @@ def test_issue9_exec_storm_daemon_keeps_answering(rig, work):
     rig.limits()  # any answer: how long it takes is what counts
     answered = time.monotonic() - t0
     settle = wait_until(lambda: rig.limits() == {} and time.monotonic(), 90, "the storm")
+    queues = len(re.findall(r"download queue on \S+: \S+ \(htb", rig.log()))
     print(f"\n{n} execs: the bus answered {answered:.2f} s later; everything settled "
-          f"{settle - t0:.2f} s after the storm")
+          f"{settle - t0:.2f} s after the storm; download queues made: {queues}")
+    if not queues:
+        # no uplink, or its ingress is held by another qdisc (another chadthrottled on a
+        # shared test machine): no queue is made, so there is nothing to stall on here
+        pytest.skip("no download queue could be made on this machine's uplinks")
     assert answered < 1.0, answered
 
 
