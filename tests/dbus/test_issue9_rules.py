@@ -675,6 +675,41 @@ def test_issue9_rules_changed_after_add_remove_reload_not_after_a_refused_one(ri
     assert set(rig.rules()) == {"perm"}
 
 
+def test_issue9_limit_signals_for_what_rules_do(rig, procs, work):
+    """ListLimits (and the Limits property) list the processes rules limit; LimitChanged
+    and LimitRemoved tell a client about them as they do for SetLimit."""
+    listener = Listener(rig.address, f"type='signal',sender='{names.BUS_NAME}',"
+                                     f"interface='{names.INTERFACE}'")
+    procs.append(listener.proc)
+    copy = copy_of(SLEEP, work / "apps", "ct9-signals")
+    tag = f"0.000{os.getpid()}9"  # sleep adds it to its 300 s: a command line of our own
+
+    def seen(member: str, *body) -> bool:
+        return listener.wait_for(lambda x: x["member"] == member and x["body"] == list(body), 5)
+
+    running = sleeper(procs, copy)
+    rid = rig.add_rule(exe=copy, download=LIMIT)  # a running process: matched by the daemon
+    assert seen("LimitChanged", running.pid, LIMIT, 0), listener.signals()
+    started = sleeper(procs, copy)  # matched by the kernel at exec
+    assert seen("LimitChanged", started.pid, LIMIT, 0), listener.signals()
+    by_cmdline = sleeper(procs, SLEEP, "300", tag)  # decided in user space at exec
+    rid_cmd = rig.add_rule(cmdline=f" {re.escape(tag)}$", upload=LIMIT)
+    assert seen("LimitChanged", by_cmdline.pid, 0, LIMIT), listener.signals()
+    late = sleeper(procs, SLEEP, "301", tag)
+    assert seen("LimitChanged", late.pid, 0, LIMIT), listener.signals()
+    rig.add_rule(id=rid, exe=copy, download=2 * LIMIT)  # a new rate
+    assert seen("LimitChanged", running.pid, 2 * LIMIT, 0), listener.signals()
+    assert seen("LimitChanged", started.pid, 2 * LIMIT, 0), listener.signals()
+    rig.remove_rule(rid)  # freed at once
+    assert seen("LimitRemoved", running.pid, names.REASON_CLEARED), listener.signals()
+    assert seen("LimitRemoved", started.pid, names.REASON_CLEARED), listener.signals()
+    late.terminate()
+    assert seen("LimitRemoved", late.pid, names.REASON_EXITED), listener.signals()
+    assert set(rig.limits()) == {by_cmdline.pid}
+    rig.remove_rule(rid_cmd)
+    assert seen("LimitRemoved", by_cmdline.pid, names.REASON_CLEARED), listener.signals()
+
+
 # --------------------------------------------------------------------------- 9. crash, restart
 def test_issue9_sigkill_and_restart_restores_limits_and_rules_refuses_reused_pid(
         rig, http, procs, work):

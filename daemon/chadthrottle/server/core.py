@@ -73,6 +73,7 @@ class Core:
         heirs = self._restore_heirs(loaded.state.heirs)
         counts = {"limits": restored, "unit_limits": units, "rules": len(self.rules.rules),
                   "heirs": heirs, "ms": round((time.monotonic() - t0) * 1000)}
+        self.rules.take_changes()  # nobody listens before the name is taken
         log.info("state restored: %(limits)d limit(s), %(unit_limits)d unit limit(s), "
                  "%(rules)d rule(s), %(heirs)d process(es) carrying a rule's limit in "
                  "%(ms)d ms", counts)
@@ -173,6 +174,10 @@ class Core:
                  extra={"journal": {F + "RULE": rule_id, F + "KIND": "rule-remove"}})
         self._forget_heirs()
 
+    def take_rule_changes(self) -> list[tuple[str, int]]:
+        """(LIMITED or FREED, pid) of what rules did since the last call (for signals)."""
+        return self.rules.take_changes()
+
     def list_rules(self) -> list[tuple[Rule, int]]:
         return self.rules.listing()
 
@@ -201,7 +206,7 @@ class Core:
                     self.state.put_heir(StoredHeir(pid=lim.pid, start_time=lim.start_time,
                                                    rule=lim.rule))
             elif n.kind == NOTICE_RULE:
-                self.rules.journal_start(n.rule, n.pid)
+                self.rules.started(n.rule, n.pid)
             elif n.kind == NOTICE_EXEC:
                 try:
                     self.rules.on_exec(n.pid)

@@ -35,6 +35,8 @@ from ..shaping.pacing import mss_for
 
 log = logging.getLogger("chadthrottle.rules")
 F = names.JOURNAL_FIELD_PREFIX
+LIMITED = "limited"  # a rule limits the process now, or its rule's rate changed
+FREED = "freed"      # the rule that limited the process was removed, disabled or changed
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class RuleBook:
         self._keys: dict[str, KernelKeys] = {}
         self._app: dict[str, int] = {}  # rule id -> shared budget id (scope=application)
         self._on_change = on_change
+        #: (LIMITED or FREED, pid) of limits rules set, changed or ended, not yet announced
+        #: on the bus (the bus layer takes them: LimitChanged, LimitRemoved)
+        self._changes: list[tuple[str, int]] = []
 
     # -- loading -------------------------------------------------------------------------
     def start(self, runtime: tuple[Rule, ...] = ()) -> None:
@@ -133,9 +138,12 @@ class RuleBook:
                 del self._applied[rid]
                 for pid in freed:
                     self._journal_stop(rid, pid, "the rule was removed or changed")
+                    self._changes.append((FREED, pid))
             elif (new.download, new.upload) != (applied.rule.download, applied.rule.upload):
                 eng.change_rule(rid, new.download, new.upload)
                 self._applied[rid] = _Applied(new)
+                self._changes += [(LIMITED, pid) for b in eng.rule_budgets(rid)
+                                  for pid in b.roots]
                 log.info("rule %s: rate changed to download=%d upload=%d B/s", rid,
                          new.download, new.upload, extra={"journal": {F + "RULE": rid}})
         for rid, rule in wanted.items():
@@ -305,7 +313,17 @@ class RuleBook:
                                slot=self._slot(rule.id))
         except (NoSuchProcess, InvalidLimit):
             return
-        self.journal_start(rule.id, pid)
+        self.started(rule.id, pid)
+
+    def started(self, rule_id: str, pid: int) -> None:
+        """Rule ``rule_id`` limits process pid now (by the daemon, or by the kernel at exec)."""
+        self.journal_start(rule_id, pid)
+        self._changes.append((LIMITED, pid))
+
+    def take_changes(self) -> list[tuple[str, int]]:
+        """The limits rules set, changed or ended since the last call, in order."""
+        out, self._changes = self._changes, []
+        return out
 
     # -- the journal -------------------------------------------------------------------------
     def journal_start(self, rule_id: str, pid: int) -> None:
