@@ -710,6 +710,33 @@ def test_issue9_limit_signals_for_what_rules_do(rig, procs, work):
     assert seen("LimitRemoved", by_cmdline.pid, names.REASON_CLEARED), listener.signals()
 
 
+def test_issue9_reload_of_a_rule_whose_keys_change_keeps_limiting_what_it_still_matches(
+        rig, http, procs, work):
+    """An edited file that still matches the running process: no moment without a limit."""
+    copy = copy_of(CURL, work / "apps")
+    rig.rules_d.mkdir(parents=True)
+    edited = rig.rules_d / "edited.toml"
+    edited.write_text(f'exe = "{copy}"\ndownload = {LIMIT}\n')
+    assert rig.send("Reload").ok
+    t = download(procs, copy, http, 6)
+    wait_started(t)
+    wait_until(lambda: now_since(t) > 2.5, 5, "2.5 s of transfer")
+    edited.write_text(f'exe = "{copy}"\nuid = 0\ndownload = {LIMIT}\n')  # narrower, same pid
+    t_reload = now_since(t)
+    assert rig.send("Reload").ok
+    s = rig.stats(t.pid)
+    assert (s["rule"], s["download_limit"]) == ("edited", LIMIT), s
+    t.wait()
+    around = ratio(t, t_reload - 0.5, t_reload + 1.0)
+    print(f"\n{profile(t, 0.25)}\naround the reload: {around:.2f}x")
+    assert in_band(ratio(t, 1, t_reload)), profile(t)
+    assert around <= 1.3, profile(t, 0.25)
+    # never freed, never limited anew: the same budget throughout
+    log = rig.log()
+    assert f"rule edited stops limiting PID {t.pid}" not in log, log[-3000:]
+    assert log.count(f"rule edited starts limiting PID {t.pid} ") == 1, log[-3000:]
+
+
 # --------------------------------------------------------------------------- 9. crash, restart
 def test_issue9_sigkill_and_restart_restores_limits_and_rules_refuses_reused_pid(
         rig, http, procs, work):

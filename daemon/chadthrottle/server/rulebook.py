@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from .. import abi, cgroups, names, procfs
 from ..budgets import burst_for
 from ..engine import Engine, KernelRule
-from ..errors import ChadthrottleError, InvalidLimit, NoSuchProcess
+from ..errors import ChadthrottleError, InvalidLimit, NoSuchLimit, NoSuchProcess
 from ..rules import procinfo
-from ..rules.match import KernelKeys, best_rule, kernel_keys
+from ..rules.match import KernelKeys, best_rule, kernel_keys, matches
 from ..rules.model import Rule
 from ..rules.ruleset import RuleSet
 from ..rules.store import RuleFiles
@@ -131,7 +131,16 @@ class RuleBook:
         wanted = {r.id: r for r in self.rules.ordered()}
         for rid, applied in list(self._applied.items()):
             new = wanted.get(rid)
-            if new is None or not applied.same_match(new):
+            if new is not None and new.scope == applied.rule.scope \
+                    and not applied.same_match(new):
+                # other keys (an edited file): what it still matches stays limited throughout
+                self._narrow(rid, new)
+                if (new.download, new.upload) != (applied.rule.download, applied.rule.upload):
+                    eng.change_rule(rid, new.download, new.upload)
+                    self._changes += [(LIMITED, pid) for b in eng.rule_budgets(rid)
+                                      for pid in b.roots]
+                self._applied[rid] = _Applied(new)
+            elif new is None or not applied.same_match(new):
                 freed = eng.drop_rule(rid)
                 self._app.pop(rid, None)
                 self._keys.pop(rid, None)
@@ -155,6 +164,25 @@ class RuleBook:
             eng.attach_root()  # rules must see processes wherever they start
         self._load_kernel()
         self.rematch()
+
+    def _narrow(self, rid: str, new: Rule) -> None:
+        """Rule ``rid`` got other match keys: the processes it limits that the new keys
+        still match keep their budget (no moment without a limit); the others are freed."""
+        eng = self._engine
+        root = str(eng.cg.root) if eng.cg else None
+        inodes = {rid: kernel_keys(new, cgroup_root=root).exe_files}
+        for b in eng.rule_budgets(rid):
+            for pid, start in list(b.roots.items()):
+                facts = procinfo.read_facts(pid)
+                if facts is not None and facts.start_time == start \
+                        and matches(new, facts, inodes):
+                    continue
+                try:
+                    eng.clear_limit(pid)
+                except NoSuchLimit:
+                    continue
+                self._journal_stop(rid, pid, "the rule was changed and does not match it now")
+                self._changes.append((FREED, pid))
 
     def refresh_kernel(self) -> None:
         """A watched directory changed: give the exec matcher what is true now.  In an exe
