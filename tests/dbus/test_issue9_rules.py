@@ -733,7 +733,7 @@ def test_issue9_reload_of_a_rule_whose_keys_change_keeps_limiting_what_it_still_
     assert around <= 1.3, profile(t, 0.25)
     # never freed, never limited anew: the same budget throughout
     log = rig.log()
-    assert f"rule edited stops limiting PID {t.pid}" not in log, log[-3000:]
+    assert f"rule edited stops limiting PID {t.pid}: the rule" not in log, log[-3000:]
     assert log.count(f"rule edited starts limiting PID {t.pid} ") == 1, log[-3000:]
 
 
