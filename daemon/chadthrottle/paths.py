@@ -2,8 +2,8 @@
 
 * config dir: ``/etc/chadthrottle``; permanent rules in ``<config dir>/rules.d/<id>.toml``,
   the daemon's settings in ``<config dir>/chadthrottled.toml`` (:mod:`chadthrottle.config`);
-* state dir: ``/run/chadthrottle``; runtime rules and the limits set with SetLimit in
-  ``<state dir>/state.json`` (survives a daemon restart, not a reboot).
+* state dir: ``/run/chadthrottle``; runtime rules and the limits set with SetLimit, one file
+  per entry (see :mod:`chadthrottle.state`; survives a daemon restart, not a reboot).
 
 Each is overridden by its command-line option, else by its environment variable
 (``CHADTHROTTLE_CONFIG_DIR``, ``CHADTHROTTLE_STATE_DIR``; an empty value counts as unset).

@@ -9,9 +9,13 @@ costs one small atomic write however many limits there are::
     <state dir>/units/<sha1 of the unit>.json   a limit set with SetUnitLimit:
         {"unit": "backup.service", "download": 0, "upload": 1000000, "uid": 0, ...}
     <state dir>/rules/<id>.json     a runtime rule: its bus keys and its id
+    <state dir>/heirs/<pid>.json    a process that carries a rule's limit after the process
+        the rule matched exited (a launcher's child running another program may match no
+        rule by itself): {"pid": 4343, "start_time": 912399, "rule": "steam"}
 
-``start_time`` is field 22 of /proc/PID/stat: a limit is restored only for a process whose
-start time still matches (:func:`restorable`), never for a pid reused by another process.
+``start_time`` is field 22 of /proc/PID/stat: a limit (or an heir) is restored only for a
+process whose start time still matches (:func:`restorable`), never for a pid reused by
+another process.
 The state is written by the daemon alone; a damaged entry is dropped on its own and reported
 (``LoadedState.problems``), the others still load.  Writes are atomic (temporary file,
 rename): a crash of the daemon leaves the old entry or the new one, never half of one.  They
@@ -32,13 +36,25 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from .errors import InvalidRule
 from .rules import procinfo
-from .rules.model import Rule, check_rate
+from .rules.model import ID_RE, Rule, check_rate
 from .rules.store import atomic_remove, atomic_write, ensure_dir
 
 ORIGIN_MAX = 256
 PID_MAX = 1 << 22
 MAX_ENTRY_BYTES = 64 * 1024
-LIMITS, UNITS, RULES = "limits", "units", "rules"
+LIMITS, UNITS, RULES, HEIRS = "limits", "units", "rules", "heirs"
+
+
+def _check_pid(v: int) -> int:
+    if not 1 < v < PID_MAX:
+        raise ValueError(f"not a process id: {v}")
+    return v
+
+
+def _check_start_time(v: int) -> int:
+    if v < 0:
+        raise ValueError(f"negative start time: {v}")
+    return v
 
 
 class _Strict(BaseModel):
@@ -84,16 +100,12 @@ class StoredLimit(_Strict):
     @field_validator("pid")
     @classmethod
     def _pid(cls, v: int) -> int:
-        if not 1 < v < PID_MAX:
-            raise ValueError(f"not a process id: {v}")
-        return v
+        return _check_pid(v)
 
     @field_validator("start_time")
     @classmethod
     def _start(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"negative start time: {v}")
-        return v
+        return _check_start_time(v)
 
 
 class StoredUnitLimit(_Strict):
@@ -109,11 +121,40 @@ class StoredUnitLimit(_Strict):
         return v
 
 
+class StoredHeir(BaseModel):
+    """A process that carries the limit of rule ``rule`` because the process the rule
+    matched (its parent, or an ancestor) exited, as kept in the state dir."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    pid: int
+    start_time: int
+    rule: str
+
+    @field_validator("pid")
+    @classmethod
+    def _pid(cls, v: int) -> int:
+        return _check_pid(v)
+
+    @field_validator("start_time")
+    @classmethod
+    def _start(cls, v: int) -> int:
+        return _check_start_time(v)
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        if not ID_RE.match(v):
+            raise ValueError(f"not a rule id: {v!r}")
+        return v
+
+
 @dataclass(frozen=True)
 class State:
     rules: tuple[Rule, ...] = ()  # runtime rules only
     limits: tuple[StoredLimit, ...] = ()
     unit_limits: tuple[StoredUnitLimit, ...] = ()
+    heirs: tuple[StoredHeir, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,6 +204,22 @@ class StateDir:
 
     def drop_rule(self, rule_id: str) -> None:
         atomic_remove(self._file(RULES, rule_id), durable=False)
+
+    def put_heir(self, heir: StoredHeir) -> None:
+        self._write(HEIRS, str(heir.pid), heir.model_dump())
+
+    def drop_heir(self, pid: int) -> None:
+        atomic_remove(self._file(HEIRS, str(pid)))
+
+    def heirs(self) -> tuple[StoredHeir, ...]:
+        """The heirs kept now (damaged entries are left for load() to report)."""
+        out = []
+        for _, data in self._entries(HEIRS, []):
+            try:
+                out.append(StoredHeir.model_validate(data))
+            except ValidationError:
+                continue
+        return tuple(out)
 
     # -- reading -------------------------------------------------------------------------------
     def _entries(self, kind: str, problems: list[str]) -> list[tuple[Path, Any]]:
@@ -215,12 +272,19 @@ class StateDir:
                 units.append(StoredUnitLimit.model_validate(data))
             except ValidationError as e:
                 problems.append(f"{p}: unit limit dropped: {e.errors()[0].get('msg')}")
-        return LoadedState(State(tuple(rules), tuple(limits), tuple(units)), tuple(problems))
+        heirs: list[StoredHeir] = []
+        for p, data in self._entries(HEIRS, problems):
+            try:
+                heirs.append(StoredHeir.model_validate(data))
+            except ValidationError as e:
+                problems.append(f"{p}: heir dropped: {e.errors()[0].get('msg')}")
+        return LoadedState(State(tuple(rules), tuple(limits), tuple(units), tuple(heirs)),
+                           tuple(problems))
 
 
-def restorable(limits: Iterable[StoredLimit],
+def restorable(limits: Iterable[StoredLimit | StoredHeir],
                start_time_of: Callable[[int], int | None] = procinfo.start_time,
-               ) -> tuple[list[StoredLimit], list[tuple[StoredLimit, str]]]:
+               ) -> tuple[list, list[tuple[Any, str]]]:
     """(limits whose process still runs, (limit, why not) for the others).  A process is
     the same only if its start time is the stored one: a reused pid is refused."""
     keep: list[StoredLimit] = []

@@ -1,7 +1,7 @@
 """Run inside ``unshare --mount --propagation private``: a standalone systemd-journald on
 private tmpfs mounts (/run, /var/log/journal), and chadthrottled logging to it.
 
-    journal_ns.py WORKDIR BUS_ADDRESS
+    journal_ns.py WORKDIR BUS_ADDRESS [DAEMON_ARGUMENT...]
 
 Writes WORKDIR/daemon.pid once the daemon runs; waits for WORKDIR/stop (its content: a
 pid), then stops the daemon (SIGTERM, exit code to WORKDIR/daemon.rc), writes
@@ -39,7 +39,8 @@ def main() -> int:
             time.sleep(0.05)
         env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
         # --log-target=auto: the journal socket exists now, so the journal is chosen
-        daemon = subprocess.Popen([sys.executable, "-m", "chadthrottle.server.main"], env=env,
+        daemon = subprocess.Popen([sys.executable, "-m", "chadthrottle.server.main",
+                                   *sys.argv[3:]], env=env,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=open(work / "daemon.stderr", "wb"))  # noqa: SIM115
         (work / "daemon.pid").write_text(str(daemon.pid))

@@ -70,6 +70,18 @@ def test_seed_line_format_and_fields():
     assert RATE_LINE.match(rate.message) and EBPF_LINE.match(ebpf.message)
 
 
+def test_issue9_rate_line_names_the_rule():
+    """A limit a rule holds: the rule is named after the limit, and both lines carry
+    CHADTHROTTLE_RULE (a SetLimit line stays as the seed wrote it, above)."""
+    win = verdict.Window(51200, 48.2 * 1024, 100, 10)
+    rate, ebpf = diagnostics.lines_for(_stats(rule="wget-rule"), "download", win)
+    assert rate.message == ("PID 12345 (wget) download: actual=48.2 KB/s, limit=50.0 KB/s "
+                            "(rule wget-rule), ratio=0.96x ✅ THROTTLED")
+    assert rate.fields["CHADTHROTTLE_RULE"] == ebpf.fields["CHADTHROTTLE_RULE"] == "wget-rule"
+    plain, _ = diagnostics.lines_for(_stats(rule=""), "download", win)
+    assert "CHADTHROTTLE_RULE" not in plain.fields and "(rule" not in plain.message
+
+
 @pytest.mark.parametrize("win, text", [
     (verdict.Window(51200, 349.7 * 1024, 100, 0),
      "⚠️ NOT ENFORCING (over the limit; nothing paced, queued or dropped)"),

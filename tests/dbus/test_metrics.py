@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import env_with, start_daemon
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
@@ -33,6 +32,7 @@ from chadthrottle.bench.traffic import (
     paced_download,
 )
 from chadthrottle.kernel import MAPS
+from conftest import env_with, start_daemon
 
 pytestmark = [
     pytest.mark.root,

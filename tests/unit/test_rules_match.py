@@ -317,3 +317,24 @@ def test_kernel_keys_and_user_space_rules(tmp_path: Path) -> None:
              rule("off", cmdline="x", enabled=False)]
     assert [r.id for r in user_space_rules(rules)] == ["g", "c"]
     assert watch_dirs([k, globbed]) == {str(tmp_path / "bin")}
+
+
+def test_issue9_unit_keys_say_which_cgroup_dirs_to_watch(tmp_path: Path) -> None:
+    """A unit's cgroup is removed when it stops and made again (a new id) when it starts:
+    its parent directory is where the change is seen."""
+    cg = tmp_path / "cgroup"
+    (cg / "system.slice" / "backup.service").mkdir(parents=True)
+    (cg / "user.slice" / "user@1000.service" / "backup.service").mkdir(parents=True)
+    by_name = kernel_keys(rule("b", unit="backup.service"), cgroup_root=str(cg))
+    assert by_name.cgroup_dirs == {str(cg / "system.slice"),
+                                   str(cg / "user.slice" / "user@1000.service")}
+    by_path = kernel_keys(rule("b", unit="/system.slice/backup.service"), cgroup_root=str(cg))
+    assert by_path.cgroup_dirs == {str(cg / "system.slice")}
+    not_yet = kernel_keys(rule("b", unit="/system.slice/x.slice/y.service"),
+                          cgroup_root=str(cg))
+    assert not_yet.cgroup_dirs == {str(cg / "system.slice")}  # the nearest that exists
+    anywhere = kernel_keys(rule("b", unit="nope.service"), cgroup_root=str(cg))
+    assert anywhere.cgroup_dirs == frozenset() and anywhere.needs_user_space
+    exe_only = kernel_keys(rule("e", exe=str(tmp_path / "bin/x")), cgroup_root=str(cg))
+    assert exe_only.cgroup_dirs == frozenset()
+

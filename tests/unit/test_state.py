@@ -15,7 +15,7 @@ from chadthrottle.errors import InvalidRule
 from chadthrottle.procfs import terminate
 from chadthrottle.rules import procinfo
 from chadthrottle.rules.model import Rule
-from chadthrottle.state import StateDir, StoredLimit, StoredUnitLimit, restorable
+from chadthrottle.state import StateDir, StoredHeir, StoredLimit, StoredUnitLimit, restorable
 
 
 def mode(path: Path) -> int:
@@ -98,3 +98,23 @@ def test_restore_only_the_same_process_never_a_reused_pid() -> None:
         assert "reused" in drop[0][1]
     finally:
         terminate(child)
+
+
+def test_issue9_heirs_round_trip_and_damaged_ones_dropped(tmp_path: Path) -> None:
+    """A process carrying a rule's limit after the process the rule matched exited."""
+    d = StateDir(tmp_path)
+    heir = StoredHeir(pid=4343, start_time=912399, rule="steam")
+    d.put_heir(heir)
+    assert json.loads((tmp_path / "heirs" / "4343.json").read_text()) == \
+        {"pid": 4343, "start_time": 912399, "rule": "steam"}
+    (tmp_path / "heirs" / "5.json").write_text(
+        json.dumps({"pid": 5, "start_time": 1, "rule": "../etc/x"}))
+    (tmp_path / "heirs" / "6.json").write_text(json.dumps({"pid": 6, "start_time": 1}))
+    loaded = d.load()
+    assert loaded.state.heirs == (heir,)
+    assert len(loaded.problems) == 2 and all("heir dropped" in p for p in loaded.problems)
+    assert d.heirs() == (heir,)
+    d.drop_heir(4343)
+    assert d.load().state.heirs == ()
+    keep, drop = restorable([heir], start_time_of=lambda pid: 912399)
+    assert keep == [heir] and drop == []

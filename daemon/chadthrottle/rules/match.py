@@ -132,9 +132,12 @@ class KernelKeys:
     now — a process matches when its cgroup or an ancestor is one of them.  ``watch_dirs``
     are the directories whose changes (a file created, renamed over, removed; a directory
     created) can change ``exe_files``: a package upgrade that replaces a binary is noticed
-    there and :func:`kernel_keys` is computed again.  ``needs_user_space`` says the kernel's
-    answer is not the whole answer (``reasons`` say why): user space must decide the execs
-    it reports for this rule.
+    there and :func:`kernel_keys` is computed again.  ``cgroup_dirs`` are the cgroup2
+    directories whose changes can change ``cgroup_ids``: the parents of the unit's cgroups
+    (systemd removes a unit's cgroup when it stops and makes a new one, with a new id, when
+    it starts again), or, for a cgroup path that does not exist yet, its nearest existing
+    ancestor.  ``needs_user_space`` says the kernel's answer is not the whole answer
+    (``reasons`` say why): user space must decide the execs it reports for this rule.
     """
 
     rule_id: str | None
@@ -145,6 +148,7 @@ class KernelKeys:
     has_unit: bool = False
     cgroup_ids: frozenset[int] = frozenset()
     watch_dirs: frozenset[str] = frozenset()
+    cgroup_dirs: frozenset[str] = frozenset()
     needs_user_space: bool = False
     reasons: tuple[str, ...] = ()
 
@@ -252,24 +256,42 @@ def exe_files(pattern: str, max_files: int = MAX_FILES) -> tuple[frozenset[FileI
     return frozenset(files), frozenset(dirs), budget[0] >= 0
 
 
-def unit_cgroup_ids(unit: str, cgroup_root: str) -> frozenset[int]:
-    """Ids of the cgroups ``unit`` names now below the cgroup2 mount ``cgroup_root``."""
+def unit_cgroups(unit: str, cgroup_root: str) -> dict[int, str]:
+    """id -> path of the cgroups ``unit`` names now below the cgroup2 mount ``cgroup_root``."""
     if is_unit_path(unit):
         path = os.path.join(cgroup_root, *unit_parts(unit))
         try:
             st = os.stat(path)
         except OSError:
-            return frozenset()
-        return frozenset([st.st_ino]) if stat.S_ISDIR(st.st_mode) else frozenset()
-    found: set[int] = set()
+            return {}
+        return {st.st_ino: path} if stat.S_ISDIR(st.st_mode) else {}
+    found: dict[int, str] = {}
     for directory, subdirs, _ in os.walk(cgroup_root):
         for name in subdirs:
             if name == unit:
+                path = os.path.join(directory, name)
                 try:
-                    found.add(os.stat(os.path.join(directory, name)).st_ino)
+                    found[os.stat(path).st_ino] = path
                 except OSError:
                     continue
-    return frozenset(found)
+    return found
+
+
+def unit_cgroup_ids(unit: str, cgroup_root: str) -> frozenset[int]:
+    """Ids of the cgroups ``unit`` names now below the cgroup2 mount ``cgroup_root``."""
+    return frozenset(unit_cgroups(unit, cgroup_root))
+
+
+def unit_cgroup_dirs(unit: str, cgroup_root: str, found: Mapping[int, str]) -> frozenset[str]:
+    """The cgroup2 directories where a change can change what ``unit`` names (see
+    :class:`KernelKeys`).  A unit name that names no cgroup yet may appear anywhere: none
+    (user space decides its execs until it appears)."""
+    if found:
+        return frozenset(os.path.dirname(p) for p in found.values())
+    if is_unit_path(unit):
+        parent = os.path.dirname(os.path.join(cgroup_root, *unit_parts(unit)))
+        return frozenset([_nearest_existing_dir(parent)])
+    return frozenset()
 
 
 def kernel_keys(rule: Rule, *, cgroup_root: str | None = None,
@@ -287,11 +309,14 @@ def kernel_keys(rule: Rule, *, cgroup_root: str | None = None,
             reasons.append(f"exe matches more than {max_files} entries: the kernel's set is "
                            f"partial")
     ids: frozenset[int] = frozenset()
+    cgroup_dirs: frozenset[str] = frozenset()
     if rule.unit is not None:
         if cgroup_root is None:
             reasons.append("unit: no cgroup2 mount given")
         else:
-            ids = unit_cgroup_ids(rule.unit, cgroup_root)
+            found = unit_cgroups(rule.unit, cgroup_root)
+            ids = frozenset(found)
+            cgroup_dirs = unit_cgroup_dirs(rule.unit, cgroup_root, found)
             if not ids:
                 reasons.append("unit: no such cgroup yet")
     if rule.cmdline is not None:
@@ -300,7 +325,8 @@ def kernel_keys(rule: Rule, *, cgroup_root: str | None = None,
         rule_id=rule.id, uid=rule.uid, comm=rule.comm,
         has_exe=rule.exe is not None, exe_files=files,
         has_unit=rule.unit is not None, cgroup_ids=ids,
-        watch_dirs=dirs, needs_user_space=bool(reasons), reasons=tuple(reasons),
+        watch_dirs=dirs, cgroup_dirs=cgroup_dirs, needs_user_space=bool(reasons),
+        reasons=tuple(reasons),
     )
 
 

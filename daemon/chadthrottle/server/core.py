@@ -13,10 +13,19 @@ import time
 from typing import Any
 
 from .. import names, procfs
-from ..engine import NOTICE_EXEC, NOTICE_EXITED, NOTICE_MOVED, NOTICE_RULE, Engine, Limit
+from ..engine import (
+    NOTICE_EXEC,
+    NOTICE_EXITED,
+    NOTICE_MOVED,
+    NOTICE_RULE,
+    ORIGIN_EXPLICIT,
+    ORIGIN_RULE,
+    Engine,
+    Limit,
+)
 from ..errors import ChadthrottleError, NoSuchProcess
 from ..rules.model import Rule
-from ..state import StateDir, StoredLimit, StoredUnitLimit, restorable
+from ..state import StateDir, StoredHeir, StoredLimit, StoredUnitLimit, restorable
 from .rulebook import RuleBook
 
 log = logging.getLogger("chadthrottle.server")
@@ -61,27 +70,67 @@ class Core:
                 log.info("limit of %s not restored: %s", u.unit, e)
                 self.state.drop_unit(u.unit)
         self.rules.start(loaded.state.rules)
+        heirs = self._restore_heirs(loaded.state.heirs)
         counts = {"limits": restored, "unit_limits": units, "rules": len(self.rules.rules),
-                  "ms": round((time.monotonic() - t0) * 1000)}
+                  "heirs": heirs, "ms": round((time.monotonic() - t0) * 1000)}
+        self.rules.take_changes()  # nobody listens before the name is taken
         log.info("state restored: %(limits)d limit(s), %(unit_limits)d unit limit(s), "
-                 "%(rules)d rule(s) in %(ms)d ms", counts)
+                 "%(rules)d rule(s), %(heirs)d process(es) carrying a rule's limit in "
+                 "%(ms)d ms", counts)
         return counts
+
+    def _restore_heirs(self, heirs) -> int:
+        """Processes that carried a rule's limit after the process the rule matched exited:
+        the rules (matched again above) may not match them by themselves."""
+        keep, drop = restorable(heirs)
+        for heir, why in drop:
+            log.info("rule limit of PID %d not restored: %s", heir.pid, why)
+            self.state.drop_heir(heir.pid)
+        n = 0
+        for heir in keep:
+            if self.rules.restore_heir(heir.pid, heir.start_time, heir.rule):
+                n += 1
+            else:
+                log.info("rule limit of PID %d not restored: rule %s does not limit it any "
+                         "more", heir.pid, heir.rule)
+                self.state.drop_heir(heir.pid)
+        return n
+
+    def _forget_heirs(self) -> None:
+        """After a change of rules: heirs no longer limited by their rule are forgotten."""
+        for heir in self.state.heirs():
+            if self.rules.rule_of(heir.pid) != heir.rule:
+                self.state.drop_heir(heir.pid)
 
     # ---- limits --------------------------------------------------------------------------
     def set_limit(self, pid: int, download: int, upload: int, *,
                   process: procfs.Process | None = None, owner_uid: int = 0) -> Limit | None:
+        had = self._explicit(pid)
+        by_rule = self.rules.rule_of(pid)
         lim = self.engine.set_limit(pid, download, upload, process=process, owner_uid=owner_uid)
         if lim is None:
             self.state.drop_limit(pid)
+            if had:
+                self.rules.match_tree(pid)
         else:
             self.state.put_limit(StoredLimit(pid=lim.pid, start_time=lim.start_time,
                                              download=lim.download, upload=lim.upload,
                                              uid=owner_uid, origin=ORIGIN_SETLIMIT))
+            if by_rule:
+                self.rules.journal_explicit(by_rule, pid)
         return lim
 
     def clear_limit(self, pid: int) -> None:
+        had = self._explicit(pid)
         self.engine.clear_limit(pid)
         self.state.drop_limit(pid)
+        if had:
+            self.rules.match_tree(pid)
+
+    def _explicit(self, pid: int) -> bool:
+        """Does pid hold a limit set with SetLimit (which wins over rules while it lives)?"""
+        lim = self.engine.limit_of(pid)
+        return lim is not None and lim.origin == ORIGIN_EXPLICIT
 
     def set_unit_limit(self, unit: str, download: int, upload: int, *, owner_uid: int = 0):
         ul = self.engine.set_unit_limit(unit, download, upload)
@@ -114,6 +163,7 @@ class Core:
             self.state.drop_rule(rule.id)
         log.info("rule %s added (%s)", rule.id, "permanent" if rule.permanent else "runtime",
                  extra={"journal": {F + "RULE": rule.id, F + "KIND": "rule-add"}})
+        self._forget_heirs()
         return rule.id
 
     def remove_rule(self, rule_id: str) -> None:
@@ -122,12 +172,18 @@ class Core:
             self.state.drop_rule(rule_id)
         log.info("rule %s removed", rule_id,
                  extra={"journal": {F + "RULE": rule_id, F + "KIND": "rule-remove"}})
+        self._forget_heirs()
+
+    def take_rule_changes(self) -> list[tuple[str, int]]:
+        """(LIMITED or FREED, pid) of what rules did since the last call (for signals)."""
+        return self.rules.take_changes()
 
     def list_rules(self) -> list[tuple[Rule, int]]:
         return self.rules.listing()
 
     def reload(self) -> None:
         self.rules.reload()
+        self._forget_heirs()
 
     # ---- what the kernel reported ----------------------------------------------------------
     def on_notices(self, notices) -> None:
@@ -135,16 +191,22 @@ class Core:
             if n.kind == NOTICE_EXITED:
                 self.state.drop_limit(n.pid)
                 if n.rule:
+                    self.state.drop_heir(n.pid)
                     self.rules.journal_exit(n.rule, n.pid)
             elif n.kind == NOTICE_MOVED:
                 self.state.drop_limit(n.pid)
+                self.state.drop_heir(n.pid)
                 lim = self.engine.limit_of(n.other)
-                if lim is not None and lim.origin == "explicit":
+                if lim is not None and lim.origin == ORIGIN_EXPLICIT:
                     self.state.put_limit(StoredLimit(
                         pid=lim.pid, start_time=lim.start_time, download=lim.download,
                         upload=lim.upload, uid=lim.owner_uid, origin=ORIGIN_SETLIMIT))
+                elif lim is not None and lim.origin == ORIGIN_RULE and lim.rule:
+                    # the heir may match no rule by itself: kept, so a restart limits it
+                    self.state.put_heir(StoredHeir(pid=lim.pid, start_time=lim.start_time,
+                                                   rule=lim.rule))
             elif n.kind == NOTICE_RULE:
-                self.rules.journal_start(n.rule, n.pid)
+                self.rules.started(n.rule, n.pid)
             elif n.kind == NOTICE_EXEC:
                 try:
                     self.rules.on_exec(n.pid)

@@ -6,10 +6,14 @@ Two lines per limited direction, as users know them from the seed design note::
     eBPF stats PID 12345 cgroup / download: program_calls=15234, packets=5000, \
 dropped=4500 (90.0%), bytes=512000, bytes_dropped=460800
 
+A limit a rule holds names the rule after the limit (``limit=50.0 KB/s (rule wget)``), and
+both lines then carry CHADTHROTTLE_RULE.
+
 Both carry structured journal fields (CHADTHROTTLE_PID, CHADTHROTTLE_DIRECTION,
 CHADTHROTTLE_RATIO, CHADTHROTTLE_STATUS, ...), so ``journalctl CHADTHROTTLE_PID=12345``
-selects one process.  "actual" is the average over the interval since the previous report
-(cumulative byte counters), not a one-second sample.
+selects one process and ``journalctl CHADTHROTTLE_RULE=wget`` one rule.  "actual" is the
+average over the interval since the previous report (cumulative byte counters), not a
+one-second sample.
 
 Verdicts come from chadthrottle.verdict (shared with GetStats' ``status``), applied to the
 interval's own counters:
@@ -27,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 from .. import names, verdict
+from ..safetext import printable as safe
 
 log = logging.getLogger("chadthrottle.diagnostics")
 
@@ -77,6 +82,9 @@ def lines_for(st, direction: str, win: verdict.Window) -> list[Line]:
     ratio = verdict.ratio(win)
     status = verdict.classify(win)
     common = {"PID": str(st.pid), "COMM": st.comm, "CGROUP": st.cgroup, "DIRECTION": direction}
+    rule = str(getattr(st, "rule", "") or "")
+    if rule:
+        common["RULE"] = rule
     rate_fields = {F + k: v for k, v in common.items()}
     rate_fields.update({
         F + "KIND": "rate",
@@ -88,7 +96,8 @@ def lines_for(st, direction: str, win: verdict.Window) -> list[Line]:
     level = logging.INFO if status == names.STATUS_THROTTLED else logging.WARNING
     msg = (
         f"PID {st.pid} ({st.comm}) {direction}: actual={format_rate(rate)}, "
-        f"limit={format_rate(limit)}, ratio={ratio:.2f}x {VERDICT_TEXT[status]}"
+        f"limit={format_rate(limit)}{f' (rule {safe(rule)})' if rule else ''}, "
+        f"ratio={ratio:.2f}x {VERDICT_TEXT[status]}"
     )
     packets = passed + dropped  # every packet the program judged
     pct = 100.0 * dropped / packets if packets else 0.0

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from .. import abi, cgroups, names, procfs
 from ..budgets import burst_for
 from ..engine import Engine, KernelRule
-from ..errors import ChadthrottleError, InvalidLimit, NoSuchProcess
+from ..errors import ChadthrottleError, InvalidLimit, NoSuchLimit, NoSuchProcess
 from ..rules import procinfo
-from ..rules.match import KernelKeys, best_rule, kernel_keys
+from ..rules.match import KernelKeys, best_rule, kernel_keys, matches
 from ..rules.model import Rule
 from ..rules.ruleset import RuleSet
 from ..rules.store import RuleFiles
@@ -35,6 +35,8 @@ from ..shaping.pacing import mss_for
 
 log = logging.getLogger("chadthrottle.rules")
 F = names.JOURNAL_FIELD_PREFIX
+LIMITED = "limited"  # a rule limits the process now, or its rule's rate changed
+FREED = "freed"      # the rule that limited the process was removed, disabled or changed
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class RuleBook:
         self._keys: dict[str, KernelKeys] = {}
         self._app: dict[str, int] = {}  # rule id -> shared budget id (scope=application)
         self._on_change = on_change
+        #: (LIMITED or FREED, pid) of limits rules set, changed or ended, not yet announced
+        #: on the bus (the bus layer takes them: LimitChanged, LimitRemoved)
+        self._changes: list[tuple[str, int]] = []
 
     # -- loading -------------------------------------------------------------------------
     def start(self, runtime: tuple[Rule, ...] = ()) -> None:
@@ -126,16 +131,28 @@ class RuleBook:
         wanted = {r.id: r for r in self.rules.ordered()}
         for rid, applied in list(self._applied.items()):
             new = wanted.get(rid)
-            if new is None or not applied.same_match(new):
+            if new is not None and new.scope == applied.rule.scope \
+                    and not applied.same_match(new):
+                # other keys (an edited file): what it still matches stays limited throughout
+                self._narrow(rid, new)
+                if (new.download, new.upload) != (applied.rule.download, applied.rule.upload):
+                    eng.change_rule(rid, new.download, new.upload)
+                    self._changes += [(LIMITED, pid) for b in eng.rule_budgets(rid)
+                                      for pid in b.roots]
+                self._applied[rid] = _Applied(new)
+            elif new is None or not applied.same_match(new):
                 freed = eng.drop_rule(rid)
                 self._app.pop(rid, None)
                 self._keys.pop(rid, None)
                 del self._applied[rid]
                 for pid in freed:
                     self._journal_stop(rid, pid, "the rule was removed or changed")
+                    self._changes.append((FREED, pid))
             elif (new.download, new.upload) != (applied.rule.download, applied.rule.upload):
                 eng.change_rule(rid, new.download, new.upload)
                 self._applied[rid] = _Applied(new)
+                self._changes += [(LIMITED, pid) for b in eng.rule_budgets(rid)
+                                  for pid in b.roots]
                 log.info("rule %s: rate changed to download=%d upload=%d B/s", rid,
                          new.download, new.upload, extra={"journal": {F + "RULE": rid}})
         for rid, rule in wanted.items():
@@ -145,18 +162,53 @@ class RuleBook:
                 self._applied[rid] = _Applied(rule)
         if wanted:
             eng.attach_root()  # rules must see processes wherever they start
-        self.refresh_kernel()
+        self._load_kernel()
         self.rematch()
 
+    def _narrow(self, rid: str, new: Rule) -> None:
+        """Rule ``rid`` got other match keys: the processes it limits that the new keys
+        still match keep their budget (no moment without a limit); the others are freed."""
+        eng = self._engine
+        root = str(eng.cg.root) if eng.cg else None
+        inodes = {rid: kernel_keys(new, cgroup_root=root).exe_files}
+        for b in eng.rule_budgets(rid):
+            for pid, start in list(b.roots.items()):
+                facts = procinfo.read_facts(pid)
+                if facts is not None and facts.start_time == start \
+                        and matches(new, facts, inodes):
+                    continue
+                try:
+                    eng.clear_limit(pid)
+                except NoSuchLimit:
+                    continue
+                self._journal_stop(rid, pid, "the rule was changed and does not match it now")
+                self._changes.append((FREED, pid))
+
     def refresh_kernel(self) -> None:
-        """Give the exec matcher the rules with what the kernel can test now (also when a
-        watched directory changed: a replaced binary has a new inode)."""
+        """A watched directory changed: give the exec matcher what is true now.  In an exe
+        rule's directory, a replaced binary has a new inode.  In the parent of a unit
+        rule's cgroup, the unit stopped (its cgroup is gone) or started again (a new
+        cgroup, a new id): processes that started in the new cgroup before this ran (the
+        kernel still knew the old id) are matched now."""
+        before = {rid: k.cgroup_ids for rid, k in self._keys.items()}
+        dirs = self.watch_dirs()
+        self._load_kernel()
+        if any(k.cgroup_ids - before.get(rid, frozenset())
+               for rid, k in self._keys.items() if k.has_unit):
+            self.rematch()
+        if self.watch_dirs() != dirs:
+            self._on_change()  # watch where the unit's cgroups are now
+
+    def _load_kernel(self) -> None:
+        """Give the exec matcher the rules with what the kernel can test now."""
         root = str(self._engine.cg.root) if self._engine.cg else None
         krules = []
+        keys_now: dict[str, KernelKeys] = {}
         for rule in self.rules.ordered():
             keys = kernel_keys(rule, cgroup_root=root)
-            self._keys[rule.id] = keys
+            keys_now[rule.id] = keys
             krules.append(self._kernel_rule(rule, keys))
+        self._keys = keys_now
         self._engine.load_exec_rules(krules)
 
     def _kernel_rule(self, rule: Rule, keys: KernelKeys) -> KernelRule:
@@ -199,9 +251,11 @@ class RuleBook:
         return None
 
     def watch_dirs(self) -> set[str]:
+        """Directories whose changes call for :meth:`refresh_kernel`: those of exe rules
+        and the cgroup2 parents of unit rules' cgroups."""
         out: set[str] = set()
         for k in self._keys.values():
-            out |= set(k.watch_dirs)
+            out |= k.watch_dirs | k.cgroup_dirs
         return out
 
     def _inodes(self) -> dict[str, frozenset]:
@@ -220,12 +274,45 @@ class RuleBook:
 
     def on_exec(self, pid: int) -> None:
         """An exec the kernel could not decide alone."""
+        self._match(pid, self._inodes())
+
+    def match_tree(self, pid: int) -> None:
+        """Match a process and its descendants again: an explicit limit on them ended, so
+        the rules apply to them again (the explicit limit only won while it lived)."""
+        if not self.rules.ordered():
+            return
+        inodes = self._inodes()
+        for p in (pid, *procfs.descendants(pid)):
+            self._match(p, inodes)
+
+    def _match(self, pid: int, inodes: dict[str, frozenset]) -> None:
         facts = procinfo.read_facts(pid)
         if facts is None:
             return
-        rule = best_rule(facts, self.rules, inodes=self._inodes(), exempt={os.getpid()})
+        rule = best_rule(facts, self.rules, inodes=inodes, exempt={os.getpid()})
         if rule is not None:
             self._limit(pid, facts.start_time, rule)
+
+    def restore_heir(self, pid: int, start_time: int, rule_id: str) -> bool:
+        """At start: a process that carried rule ``rule_id``'s limit (it inherited it from a
+        process that exited) gets it back, unless a rule matched it by itself (that one
+        stays) or an explicit limit holds it.  True if the rule limits it now."""
+        rule = self.rules.get(rule_id)
+        if rule is None or not rule.enabled:
+            return False
+        if not self.rule_of(pid):
+            self._limit(pid, start_time, rule)
+        return self.rule_of(pid) == rule_id
+
+    def rule_of(self, pid: int) -> str:
+        """The id of the rule that limits process pid now ("" for none)."""
+        try:
+            with procfs.open_process(pid) as proc:
+                current = self._engine.budgets.budget_of(proc)
+        except NoSuchProcess:
+            return ""
+        b = self._engine.budgets.by_bid.get(current[0]) if current is not None else None
+        return b.rule if b is not None else ""
 
     def _slot(self, rule_id: str) -> int:
         for i, r in enumerate(self.rules.ordered()[:abi.MAX_RULES]):
@@ -256,7 +343,17 @@ class RuleBook:
                                slot=self._slot(rule.id))
         except (NoSuchProcess, InvalidLimit):
             return
-        self.journal_start(rule.id, pid)
+        self.started(rule.id, pid)
+
+    def started(self, rule_id: str, pid: int) -> None:
+        """Rule ``rule_id`` limits process pid now (by the daemon, or by the kernel at exec)."""
+        self.journal_start(rule_id, pid)
+        self._changes.append((LIMITED, pid))
+
+    def take_changes(self) -> list[tuple[str, int]]:
+        """The limits rules set, changed or ended since the last call, in order."""
+        out, self._changes = self._changes, []
+        return out
 
     # -- the journal -------------------------------------------------------------------------
     def journal_start(self, rule_id: str, pid: int) -> None:
@@ -271,3 +368,6 @@ class RuleBook:
 
     def journal_exit(self, rule_id: str, pid: int) -> None:
         self._journal_stop(rule_id, pid, "the process exited")
+
+    def journal_explicit(self, rule_id: str, pid: int) -> None:
+        self._journal_stop(rule_id, pid, "an explicit limit (SetLimit) wins")

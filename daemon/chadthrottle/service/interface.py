@@ -157,6 +157,7 @@ class Throttle1(ServiceInterface):
         else:
             self.LimitChanged(lim.pid, lim.download, lim.upload)
             self._on_demand()
+        self._announce_rules()  # the rules apply again to what an explicit limit freed
         self._limits_changed()
         self._attached_maybe_changed()
         return []
@@ -165,6 +166,7 @@ class Throttle1(ServiceInterface):
                          caller_uid: int = 0) -> list:
         self._core.clear_limit(pid)
         self.LimitRemoved(pid, names.REASON_CLEARED)
+        self._announce_rules()
         self._limits_changed()
         return []
 
@@ -190,12 +192,14 @@ class Throttle1(ServiceInterface):
     def serve_AddRule(self, rule, *, caller_uid: int = 0) -> list:
         rule_id = self._core.add_rule(rule_from_variant_dict(rule))
         self.RulesChanged()
+        self._announce_rules()
         self._limits_changed()
         return [rule_id]
 
     def serve_RemoveRule(self, rule_id: str, *, caller_uid: int = 0) -> list:
         self._core.remove_rule(rule_id)
         self.RulesChanged()
+        self._announce_rules()
         self._limits_changed()
         return []
 
@@ -210,6 +214,7 @@ class Throttle1(ServiceInterface):
         """Reload, from the bus or from SIGHUP: InvalidRule leaves everything as it was."""
         self._core.reload()
         self.RulesChanged()
+        self._announce_rules()
         self._limits_changed()
 
     def serve_ListProcesses(self) -> list:
@@ -285,9 +290,24 @@ class Throttle1(ServiceInterface):
                         self.LimitChanged(lim.pid, lim.download, lim.upload)
             except Exception:  # the bus is going away; the limit is gone all the same
                 log.warning("could not announce %s of %d", n.kind, n.pid, exc_info=True)
+        self._announce_rules()  # processes rules limited at exec
         if notices:
             self._limits_changed()
         self._attached_maybe_changed()
+
+    def _announce_rules(self) -> None:
+        """LimitChanged for each process a rule started limiting (or gave a new rate),
+        LimitRemoved "cleared" for each one a rule stopped limiting: what ListLimits shows
+        changed, as it does for SetLimit."""
+        for kind, pid in self._core.take_rule_changes():
+            lim = self._engine.limit_of(pid)
+            try:
+                if kind == "limited" and lim is not None:
+                    self.LimitChanged(pid, lim.download, lim.upload)
+                elif kind == "freed" and lim is None:
+                    self.LimitRemoved(pid, names.REASON_CLEARED)
+            except Exception:  # the bus is going away
+                log.warning("could not announce the rule limit of %d", pid, exc_info=True)
 
     def _limits_changed(self) -> None:
         """Emit PropertiesChanged(Limits) once per turn of the loop, however many limits
