@@ -19,6 +19,7 @@ when a cgroup of the same path appears (``systemctl restart`` of a service does 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from . import cgroups, cgwatch, names
@@ -35,6 +36,10 @@ TRACING_PROGRAMS = (names.PROG_FORK, names.PROG_EXIT, names.PROG_EXEC, names.PRO
 #: every send and receive system call of the machine runs these: attached only while some
 #: budget exists (a limited process using a socket it did not create is charged for it)
 SOCKET_USE_PROGRAMS = (names.PROG_SOCK_SEND, names.PROG_SOCK_RECV)
+#: after the last budget goes they stay this long (seconds): a storm of short processes
+#: limited by a rule makes and ends a budget each, and attaching costs ~6 ms a time (their
+#: programs return at once while no budget exists: CT_CFG_BUDGETS is clear)
+SOCKET_USE_LINGER = 10.0
 OWNER = "attach"
 
 
@@ -53,6 +58,7 @@ class Attachments:
         self._attached: dict[str, _Attached] = {}
         self._lost: set[str] = set()  # attached parents whose cgroup was removed
         self._socket_use: list[Link] = []
+        self._unwatch_at: float | None = None
 
     def open(self, *, monitor_root: bool = False) -> None:
         obj = self._kernel.obj
@@ -65,14 +71,28 @@ class Attachments:
             self.ensure("")
 
     def watch_socket_use(self, on: bool) -> None:
-        """Attach (or detach) the send/receive tracepoints."""
-        obj = self._kernel.obj
-        if on and not self._socket_use:
-            self._socket_use = [obj.attach_tracing(p) for p in SOCKET_USE_PROGRAMS]
-        elif not on and self._socket_use:
-            for link in self._socket_use:
-                obj.detach(link)
-            self._socket_use = []
+        """Attach the send/receive tracepoints (on), or let them go SOCKET_USE_LINGER
+        seconds from now (off; :meth:`expire` detaches them when that time has come)."""
+        if on:
+            self._unwatch_at = None
+            if not self._socket_use:
+                obj = self._kernel.obj
+                self._socket_use = [obj.attach_tracing(p) for p in SOCKET_USE_PROGRAMS]
+        elif self._socket_use and self._unwatch_at is None:
+            self._unwatch_at = time.monotonic() + SOCKET_USE_LINGER
+
+    def expire(self, now: float | None = None) -> None:
+        """Detach the send/receive tracepoints if they were let go long enough ago."""
+        if self._unwatch_at is None or (now or time.monotonic()) < self._unwatch_at:
+            return
+        self._unwatch_at = None
+        for link in self._socket_use:
+            self._kernel.obj.detach(link)
+        self._socket_use = []
+
+    @property
+    def watching_socket_use(self) -> bool:
+        return bool(self._socket_use)
 
     @property
     def attached(self) -> list[str]:

@@ -558,6 +558,12 @@ class Engine:
         self._need()
         self.sampler.sample(traffic=traffic)
 
+    def housekeeping(self) -> None:
+        """What may wait a few seconds (the daemon calls it every few): the socket-use
+        tracepoints detached once no budget has existed for a while."""
+        self._need()
+        self.attachments.expire()
+
     def stats(self, pid: int) -> ProcessStats:
         """Statistics of any process, limited or not."""
         self._need()

@@ -199,6 +199,31 @@ def test_process_exit_removes_the_limit(engine):
             proc.wait()
 
 
+def test_socket_use_tracepoints_linger_after_the_last_limit(engine):
+    """The send/receive tracepoints come with the first budget and stay a while after the
+    last one (a storm of short limited processes would attach and detach them each time);
+    housekeeping detaches them once that while is over."""
+    import itertools
+
+    from chadthrottle.attach import SOCKET_USE_LINGER
+
+    att = engine.attachments
+    assert not att.watching_socket_use
+    with subprocess.Popen(["sleep", "30"]) as p:
+        try:
+            for _ in itertools.repeat(None, 3):
+                engine.set_limit(p.pid, MiB, 0)
+                assert att.watching_socket_use
+                engine.clear_limit(p.pid)
+                assert att.watching_socket_use  # lingers
+            engine.housekeeping()
+            assert att.watching_socket_use  # not yet
+            att.expire(time.monotonic() + SOCKET_USE_LINGER + 1)
+            assert not att.watching_socket_use
+        finally:
+            p.kill()
+
+
 def test_limit_stays_while_a_descendant_lives(engine):
     """Issue 7.3/9.7: a limit lives while any member of its budget lives.  The root exits,
     its child keeps the budget, and the limit is listed under the child."""

@@ -168,6 +168,8 @@ class Daemon:
                 loop.create_task(self._sampler(), name="sample"),
                 loop.create_task(self._stats_sender(), name="stats"),
                 loop.create_task(self._every(DIAG_INTERVAL, self._diagnose), name="diag"),
+                loop.create_task(self._every(DIAG_INTERVAL, self.engine.housekeeping),
+                                 name="housekeeping"),
                 loop.create_task(self._bus_watch(), name="bus"),
             ]
             if self.metrics is not None:
