@@ -1183,6 +1183,8 @@ struct caps {
 /* caps.limited of a record iter/tcp writes when it registered a connection for pacing its
  * sender: run it once more (the sender may come earlier in the iteration) */
 #define CT_CAPS_AGAIN 2
+/* ... and of one per socket it released for an earlier daemon (CT_ITER_ORPHANS) */
+#define CT_CAPS_ORPHAN 3
 
 /* Segments a paced sender may have in flight: twice what its share needs over the RTT,
  * and never fewer than CT_MIN_CWND.  Without it, on short RTTs TCP builds one super-packet
@@ -1551,6 +1553,27 @@ int ct_sockops(struct bpf_sock_ops *ops)
 /* Re-pace every socket the daemon's last change affects, at once: limits set on running
  * processes, limits raised or cleared, local senders whose limited peer was established
  * before them.  Sockets paced before and no longer limited are released. */
+/* A socket an earlier daemon limited: its tag went with that daemon's maps (a crash, a
+ * SIGKILL), its caps did not.  Only a sock_ops program sets callback flags, and ours set
+ * exactly CT_CB_FLAGS on every socket they cap (and clear them when they release it): an
+ * untagged socket carrying them is released as a limit that ended would be. */
+static __always_inline void release_orphan(struct bpf_iter__tcp *ctx, struct tcp_sock *tp)
+{
+	struct caps done = { .limited = CT_CAPS_ORPHAN };
+	__u32 pace = CT_UNLIMITED_PACE;
+	int clamp = CT_CLAMP_RELEASE, cwnd = CT_CWND_RELEASE, none = 0;
+	char cc[16] = {}, reno[16] = "reno";
+
+	bpf_setsockopt(tp, SOL_SOCKET, SO_MAX_PACING_RATE, &pace, sizeof(pace));
+	bpf_setsockopt(tp, SOL_TCP, TCP_WINDOW_CLAMP, &clamp, sizeof(clamp));
+	bpf_setsockopt(tp, SOL_TCP, TCP_BPF_SNDCWND_CLAMP, &cwnd, sizeof(cwnd));
+	if (!bpf_getsockopt(tp, SOL_TCP, TCP_CONGESTION, cc, sizeof(cc)) &&
+	    !bpf_setsockopt(tp, SOL_TCP, TCP_CONGESTION, reno, sizeof(reno)))
+		bpf_setsockopt(tp, SOL_TCP, TCP_CONGESTION, cc, sizeof(cc));
+	bpf_setsockopt(tp, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, &none, sizeof(none));
+	bpf_seq_write(ctx->meta->seq, &done, sizeof(done));
+}
+
 SEC("iter/tcp")
 int ct_iter_tcp(struct bpf_iter__tcp *ctx)
 {
@@ -1592,8 +1615,12 @@ int ct_iter_tcp(struct bpf_iter__tcp *ctx)
 				tag->peer_budget = *pb;
 		}
 	}
-	if (!tag || !(tag->budget || tag->peer_budget || tag->unit || tag->paced ||
-		      tag->clamp))
+	if (!tag) {
+		if (cfg->iter_op == CT_ITER_ORPHANS && tp->bpf_sock_ops_cb_flags == CT_CB_FLAGS)
+			release_orphan(ctx, tp);
+		return 0;
+	}
+	if (!(tag->budget || tag->peer_budget || tag->unit || tag->paced || tag->clamp))
 		return 0;
 	if (tag->budget && !(tag->flags & CT_SK_PEER_REG) && (cfg->flags & CT_CFG_PEERS) &&
 	    limited_download(tag) && skc->skc_state == 1 /* TCP_ESTABLISHED */) {

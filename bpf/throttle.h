@@ -156,6 +156,7 @@ struct ct_traffic {
 #define CT_ITER_CHECK 5    /* task_file: sum TCP counters of budgets in `checks` */
 #define CT_ITER_UNIT 6     /* task_file: set tag->unit of sockets below iter_budget (a cgroup id) */
 #define CT_ITER_SELF 7     /* task: print a ct_self_rec of the visited task (the daemon itself) */
+#define CT_ITER_ORPHANS 8  /* tcp: release sockets an earlier daemon paced (its tags died with it) */
 
 /* Runtime configuration written by the daemon (array map, one entry; the daemon is its only
  * writer: the kernel's own counter of budget ids lives in the map kernel_bids). */

@@ -158,6 +158,7 @@ class Engine:
             else:
                 queues.close()
             self.attachments.open(monitor_root=self.monitor_root)
+            self.pacer.release_orphans()  # what a killed run left paced never keeps limiting
         except Exception:
             self.close()
             raise

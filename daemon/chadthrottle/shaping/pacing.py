@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-from .. import names
+from .. import abi, names
 
 log = logging.getLogger("chadthrottle.pacing")
 
@@ -73,9 +73,20 @@ class Pacer:
         log.debug("re-paced: %d limited TCP socket(s)", n)
         return n
 
+    def release_orphans(self) -> int:
+        """Release the TCP sockets an earlier daemon paced and could not release (it was
+        killed: their tags went with its maps, their caps stayed); returns how many."""
+        caps = caps_of(self._kernel.iterate(names.PROG_ITER_TCP, abi.ITER_ORPHANS))
+        n = sum(c.limited == CAPS_ORPHAN for c in caps)
+        if n:
+            log.info("released %d connection(s) an earlier chadthrottled left paced", n)
+        return n
+
 
 #: caps.limited of iter/tcp's "run me again" record (CT_CAPS_AGAIN in the BPF program)
 CAPS_AGAIN = 2
+#: ... and of its record per socket released for an earlier daemon (CT_CAPS_ORPHAN)
+CAPS_ORPHAN = 3
 
 
 class PacedCaps(ctypes.Structure):

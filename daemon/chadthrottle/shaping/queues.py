@@ -33,7 +33,7 @@ import ctypes
 import errno
 import functools
 import logging
-import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -102,10 +102,12 @@ class Queues:
     def cleanup_leftovers(self) -> int:
         """Remove what an earlier daemon left (a crash): our filters, the clsact qdiscs
         holding nothing else, our ifb devices.  Returns how many things were removed.  A
-        run makes its ifb devices first and removes them last, so without one of ours in
-        /sys/class/net there is nothing to look for (and no netlink to speak)."""
+        run makes its ifb devices first and removes them last, so without one of ours among
+        this network namespace's devices there is nothing to look for (and no netlink to
+        speak).  The devices are listed by if_nameindex(), which sees the daemon's network
+        namespace (/sys/class/net shows the one /sys was mounted in)."""
         try:
-            ours = [n for n in os.listdir("/sys/class/net") if n.startswith(names.IFB_PREFIX)]
+            ours = [n for _, n in socket.if_nameindex() if n.startswith(names.IFB_PREFIX)]
         except OSError:
             ours = [names.IFB_PREFIX]
         if not ours:
