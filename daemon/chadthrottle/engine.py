@@ -103,7 +103,8 @@ class Notice:
 
 NOTICE_EXITED = "exited"        # the limit of pid ended: its last member exited
 NOTICE_MOVED = "moved"          # the limit of pid now belongs to `other` (pid exited)
-NOTICE_RULE = "rule"            # the kernel enrolled pid for rule
+NOTICE_RULE = "rule"            # the kernel enrolled pid for rule (for `other`, which
+                                # exec'd the matched program and exited at once, if set)
 NOTICE_EXEC = "exec"            # pid exec'd and rule slot `other` needs user space to decide
 NOTICE_FULL = "full"            # a map was full (detail says which)
 
@@ -479,9 +480,15 @@ class Engine:
                     with procfs.open_process(ev.tgid) as proc:
                         self.budgets.add_root(b, proc)
                         self.attachments.ensure_for_pid(proc.pid)
+                    out.append(Notice(NOTICE_RULE, ev.tgid, rule=kr.rule_id))
                 except NoSuchProcess:
-                    return False
-                out.append(Notice(NOTICE_RULE, ev.tgid, rule=kr.rule_id))
+                    # it exited before this event was read (a launcher): the limit is on
+                    # what it started, listed as the oldest of those
+                    if not b.roots:
+                        heir = self._heir(b)
+                        if heir is not None:
+                            out.append(Notice(NOTICE_RULE, heir, other=ev.tgid,
+                                              rule=kr.rule_id))
         elif t == abi.EV_EXEC:
             out.append(Notice(NOTICE_EXEC, ev.tgid, other=ev.rule))
         elif t == abi.EV_CLASS:
@@ -534,7 +541,17 @@ class Engine:
         if b.roots:  # other roots keep it listed (an application budget)
             out.append(Notice(NOTICE_EXITED, ev.tgid, rule=b.rule))
             return
-        # the limit moves to the oldest surviving member
+        pid = self._heir(b)
+        if pid is not None:
+            log.info("PID %d exited; its limit stays on its descendants, now listed as PID %d",
+                     ev.tgid, pid)
+            out.append(Notice(NOTICE_MOVED, ev.tgid, other=pid, rule=b.rule))
+            return
+        out.append(Notice(NOTICE_EXITED, ev.tgid, rule=b.rule))
+
+    def _heir(self, b: Budget) -> int | None:
+        """The limit of a budget whose listed process is gone moves to its oldest surviving
+        member (the kernel's census), which becomes its root; its pid, or None."""
         heirs = []
         for r in self.budgets.census(b.bid):
             try:
@@ -546,13 +563,11 @@ class Engine:
                 with procfs.open_process(pid) as proc:
                     self.budgets.mark_root(b, proc)
                     self.budgets.add_root(b, proc)
+                    self.attachments.ensure_for_pid(proc.pid)
             except NoSuchProcess:
                 continue
-            log.info("PID %d exited; its limit stays on its descendants, now listed as PID %d",
-                     ev.tgid, pid)
-            out.append(Notice(NOTICE_MOVED, ev.tgid, other=pid, rule=b.rule))
-            return
-        out.append(Notice(NOTICE_EXITED, ev.tgid, rule=b.rule))
+            return pid
+        return None
 
     # ---- statistics ----------------------------------------------------------------------
     def sample(self, *, traffic: bool = False) -> None:

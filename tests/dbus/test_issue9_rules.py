@@ -1003,14 +1003,9 @@ def test_issue9_restart_gives_a_rule_limit_back_to_the_process_that_carried_it(
     assert not kept.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py, Engine._event: when the kernel's EV_RULE is read after the matched process "
-    "already exited, the budget is adopted with no root (open_process fails), so the "
-    "EV_ROOT_EXIT that follows is ignored by _root_exited (pid not in b.roots) and the "
-    "limit is never handed to the surviving child: the child is limited (GetStats names the "
-    "rule) but ListLimits does not list it, no LimitChanged is sent and a restart of the "
-    "daemon frees it"))
 def test_issue9_launcher_that_exits_at_once_hands_its_rule_limit_on(rig, procs, work):
+    """The matched launcher exits before the daemon reads its exec event: the program it
+    started carries the limit and is listed (and so survives a restart of the daemon)."""
     launcher = copy_of(SH, work / "apps", "ct9-launcher")
     rid = rig.add_rule(exe=launcher, download=LIMIT, name="launcher")
     pidfile = work / "heir.pid"
@@ -1019,6 +1014,10 @@ def test_issue9_launcher_that_exits_at_once_hands_its_rule_limit_on(rig, procs, 
     heir = adopt(procs, int(pidfile.read_text()))
     assert rig.stats(heir)["rule"] == rid  # limited, in the kernel
     wait_until(lambda: heir in rig.limits(), 5, "the limit to move to the launched program")
+    rig.kill()  # SIGKILL: the heir is given its rule's limit back at start-up
+    rig.start()
+    assert heir in rig.limits()
+    assert rig.stats(heir)["rule"] == rid
 
 
 # --------------------------------------------------------------------------- 12. first packet

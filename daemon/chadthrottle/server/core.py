@@ -207,6 +207,11 @@ class Core:
                                                    rule=lim.rule))
             elif n.kind == NOTICE_RULE:
                 self.rules.started(n.rule, n.pid)
+                lim = self.engine.limit_of(n.pid) if n.other else None
+                if lim is not None and lim.rule:
+                    # carries the limit of a matched launcher that is gone: kept, as an heir
+                    self.state.put_heir(StoredHeir(pid=lim.pid, start_time=lim.start_time,
+                                                   rule=lim.rule))
             elif n.kind == NOTICE_EXEC:
                 try:
                     self.rules.on_exec(n.pid)
