@@ -36,11 +36,17 @@ def parse_mountinfo(text: str) -> list[tuple[str, str]]:
     return mounts
 
 
+def _mountinfo() -> str:
+    """/proc/self/mountinfo as text.  Any user may mount FUSE at a path of its choosing,
+    bytes that are not UTF-8 included: they are kept as the file system's own (fsdecode)."""
+    return os.fsdecode(Path("/proc/self/mountinfo").read_bytes())
+
+
 def cgroup2_mount(mountinfo: str | None = None) -> Path:
     """The cgroup2 mount point (/sys/fs/cgroup/unified on hybrid systems, /sys/fs/cgroup on
     unified ones).  Raises Unsupported when there is none."""
     if mountinfo is None:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
+        mountinfo = _mountinfo()
     for point, fstype in parse_mountinfo(mountinfo):
         if fstype == "cgroup2":
             return Path(point)
@@ -54,7 +60,7 @@ def check_kernel(mountinfo: str | None = None, release: str | None = None,
         raise Unsupported(f"kernel BTF is missing ({btf}); a kernel built with "
                           "CONFIG_DEBUG_INFO_BTF=y is required")
     if mountinfo is None:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
+        mountinfo = _mountinfo()
     cgroup2_mount(mountinfo)
     release = release or platform.release()
     try:
@@ -174,7 +180,8 @@ class Cgroups:
     def of_pid(self, pid: int) -> str:
         """The cgroup2 path (relative) of a process."""
         try:
-            text = Path(f"/proc/{pid}/cgroup").read_text()
+            # a cgroup's name may hold any byte (whoever may create one chose it)
+            text = Path(f"/proc/{pid}/cgroup").read_bytes().decode("utf-8", "replace")
         except (FileNotFoundError, ProcessLookupError) as exc:
             raise NoSuchProcess(f"no process {pid}") from exc
         for line in text.splitlines():

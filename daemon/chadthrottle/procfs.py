@@ -45,9 +45,16 @@ def _stat_fields(pid: int) -> list[str]:
     return raw[raw.rindex(")") + 2:].split()
 
 
+def text(raw: bytes) -> str:
+    """Bytes a process chose (its name, its program's path, a cgroup's name) as text: they
+    need not be UTF-8, and what leaves the daemon (a D-Bus string, a metric label) must be;
+    a byte that is not is shown as U+FFFD."""
+    return raw.decode("utf-8", "replace")
+
+
 def comm(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        return text(_read(f"/proc/{pid}/comm")).strip()
     except (FileNotFoundError, ProcessLookupError):
         return ""
 
@@ -113,7 +120,7 @@ def all_pids() -> list[int]:
 def uid(pid: int) -> int:
     """Real uid (the first field of Uid: in /proc/PID/status)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in text(_read(f"/proc/{pid}/status")).splitlines():
             if line.startswith("Uid:"):
                 return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError) as exc:
@@ -124,7 +131,7 @@ def uid(pid: int) -> int:
 def exe(pid: int) -> str:
     """The executable's path ("" if unreadable), without the " (deleted)" of a replaced file."""
     try:
-        path = os.readlink(f"/proc/{pid}/exe")
+        path = text(os.readlink(f"/proc/{pid}/exe".encode()))
     except OSError:
         return ""
     return path.removesuffix(" (deleted)")
