@@ -15,10 +15,10 @@ import sys
 import time
 
 import pytest
-from conftest import env_with, requires_root, stop_pid
 
 from chadthrottle import cgroups, names
 from chadthrottle.bench.traffic import HttpServer
+from conftest import env_with, requires_root, stop_pid
 
 pytestmark = requires_root
 MIB = 1 << 20
