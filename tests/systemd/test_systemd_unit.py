@@ -523,6 +523,35 @@ def test_kill9_brings_every_limit_back(machine):
         m.run("systemctl stop ct-persist", check=False)
 
 
+def test_state_and_rule_files_are_written_inside_the_sandbox(machine):
+    """Under the unit's ProtectSystem=strict, SetLimit's entry lands in /run/chadthrottle and
+    a permanent rule in /etc/chadthrottle/rules.d (a read-only file system there would lose
+    both at the next restart), and the state dir outlives a restart of the unit."""
+    m = machine
+    ensure_running(m)
+    m.run("systemd-run --quiet --unit=ct-files -p Type=exec -p CollectMode=inactive-or-failed "
+          "sleep infinity")
+    cur = cursor(m)
+    try:
+        target = int(show(m, "MainPID", unit="ct-files")["MainPID"])
+        must(call(m, "SetLimit", f"uint32:{target}", "uint64:307200", "uint64:0"), "SetLimit")
+        r = m.run("chadthrottlectl rule add --name ct-files-xyz -d 50K --permanent "
+                  "--id ct-files", check=False)
+        assert r.ok, f"a permanent rule could not be added:\n{r}"
+        files = m.run("ls -1 /run/chadthrottle/limits /etc/chadthrottle/rules.d").out
+        assert f"{target}.json" in files and "ct-files.toml" in files, files
+        m.run(f"systemctl restart {UNIT}")
+        wait_ready(m)
+        assert f"{target}.json" in m.run("ls -1 /run/chadthrottle/limits").out
+        r = must(call(m, "ListLimits"), "ListLimits")
+        assert re.search(rf"uint32 {target}\s+uint64 307200", r.out), r.out
+        log = journal_after(m, cur)
+        assert "Read-only file system" not in log, log
+    finally:
+        m.run("chadthrottlectl rule remove ct-files", check=False)
+        m.run("systemctl stop ct-files", check=False)
+
+
 # ---- 8. systemctl reload -----------------------------------------------------------------------
 
 def test_reload_rereads_the_rules_and_the_daemon_stays(machine):
