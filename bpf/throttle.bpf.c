@@ -264,13 +264,15 @@ static __always_inline void emit(__u32 type, __u32 tgid, __u64 budget, __u64 a, 
 	bpf_ringbuf_submit(e, 0);
 }
 
-static __always_inline void count_full(__u32 which)
+/* A map was full: the process `tgid` (0 if unknown) could not be limited as it should (for
+ * rule slot `rule`, 0 if none); the daemon says so in the journal and retries later. */
+static __always_inline void count_full(__u32 which, __u32 tgid, __u32 rule)
 {
 	struct ct_global *g = ct_stats();
 
 	if (g)
 		g->full++;
-	emit(CT_EV_FULL, 0, 0, which, 0, 0);
+	emit(CT_EV_FULL, tgid, 0, which, 0, rule);
 }
 
 /* A process's pid as the daemon sees it (its pid namespace may be a container's); 0 for a
@@ -672,7 +674,9 @@ static __always_inline int enroll(struct task_struct *t, __u64 bid, __u32 flags,
 		return 0;
 	st = bpf_task_storage_get(&task_budget, t, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!st) {
-		count_full(CT_FULL_TASKS);
+		struct ct_config *cfg = ct_cfg();
+
+		count_full(CT_FULL_TASKS, cfg ? ns_tgid(t, cfg) : 0, rule);
 		return 0;
 	}
 	if ((st->state & CT_BID_MASK) == bid && (st->state & CT_COUNTED)) {
@@ -724,7 +728,9 @@ int BPF_PROG(ct_fork, struct task_struct *parent, struct task_struct *child)
 		return 0;
 	cst = bpf_task_storage_get(&task_budget, child, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!cst) {
-		count_full(CT_FULL_TASKS);
+		struct ct_config *cfg = ct_cfg();
+
+		count_full(CT_FULL_TASKS, cfg ? ns_tgid(child, cfg) : 0, 0);
 		return 0;
 	}
 	cst->flags = pst->flags & CT_TASK_EXPLICIT;
@@ -907,7 +913,7 @@ static __always_inline __u64 new_rule_budget(struct ct_rule *r, __u32 slot, __u3
 	c.mss = r->mss;
 	c.gen = 1;
 	if (bpf_map_update_elem(&limit_cfg, &bid, &c, BPF_NOEXIST)) {
-		count_full(CT_FULL_LIMITS);
+		count_full(CT_FULL_LIMITS, tgid, slot + 1);
 		return 0;
 	}
 	for (int d = 0; d < CT_DIRS; d++) {
@@ -924,7 +930,7 @@ static __always_inline __u64 new_rule_budget(struct ct_rule *r, __u32 slot, __u3
 	l.rule = slot + 1;
 	if (bpf_map_update_elem(&limits, &bid, &l, BPF_NOEXIST)) {
 		bpf_map_delete_elem(&limit_cfg, &bid);
-		count_full(CT_FULL_LIMITS);
+		count_full(CT_FULL_LIMITS, tgid, slot + 1);
 		return 0;
 	}
 	return bid;
@@ -1402,7 +1408,7 @@ static __always_inline void register_peer(struct bpf_sock_ops *ops, struct ct_sk
 
 	peer_key_of(ops, &k, 1);
 	if (bpf_map_update_elem(&peer_pace, &k, &bid, BPF_ANY))
-		count_full(CT_FULL_PEERS);
+		count_full(CT_FULL_PEERS, tag->tgid, 0);
 	else
 		tag->flags |= CT_SK_PEER_REG;
 }

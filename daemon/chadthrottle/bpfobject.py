@@ -44,8 +44,11 @@ class Link:
 
 
 class BpfObject:
-    def __init__(self, path: Path | str | None = None):
+    def __init__(self, path: Path | str | None = None, *,
+                 map_sizes: dict[str, int] | None = None):
+        """map_sizes: max_entries of maps (by name) to set before loading."""
         self.path = Path(path) if path else default_object_path()
+        self.map_sizes = dict(map_sizes or {})
         self._obj: int = 0
         self._links: list[Link] = []
         self._iter_links: dict[str, Link] = {}
@@ -61,6 +64,15 @@ class BpfObject:
         lb = libbpf.lib()
         obj = libbpf.check_ptr(lb.bpf_object__open_file(str(self.path).encode(), None),
                                f"open {self.path}")
+        try:
+            for name, size in self.map_sizes.items():
+                m = libbpf.check_ptr(lb.bpf_object__find_map_by_name(obj, name.encode()),
+                                     f"map {name}")
+                libbpf.check(lb.bpf_map__set_max_entries(m, size),
+                             f"max_entries {size} of map {name}")
+        except BaseException:
+            lb.bpf_object__close(obj)
+            raise
         ret = lb.bpf_object__load(obj)
         if ret < 0:
             lb.bpf_object__close(obj)
@@ -100,6 +112,12 @@ class BpfObject:
         if not self._obj:
             raise RuntimeError("BPF object is not loaded")
         return self._obj
+
+    def max_entries(self, name: str) -> int:
+        lb = libbpf.lib()
+        m = libbpf.check_ptr(lb.bpf_object__find_map_by_name(self._need(), name.encode()),
+                             f"map {name}")
+        return int(lb.bpf_map__max_entries(m))
 
     def map_fd(self, name: str) -> int:
         lb = libbpf.lib()

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import abi, libbpf, names, procfs
-from .errors import InvalidLimit, NoSuchProcess
+from .errors import InvalidLimit, NoSuchProcess, Unsupported
 from .shaping.pacing import mss_for, slack_for
 
 log = logging.getLogger("chadthrottle.budgets")
@@ -129,7 +129,9 @@ class Budgets:
         except OSError as exc:
             libbpf.map_delete(self._kernel.fd(names.MAP_LIMIT_CFG), key)
             if exc.errno == errno.E2BIG:
-                raise InvalidLimit(f"too many limits (at most {abi.MAX_LIMITS})") from exc
+                raise Unsupported(
+                    f"no room for another limit: the kernel holds at most "
+                    f"{self._kernel.max_limits:,} (max_limits in chadthrottled.toml)") from exc
             raise
         self.by_bid[b.bid] = b
         self._kernel.set_flag(abi.CFG_BUDGETS, True)

@@ -4,6 +4,7 @@
 
     log_level = "info"            # as --log-level: debug, info, warning, error
     monitor_all = false           # as --monitor-all
+    max_limits = 16384            # as --max-limits: room for that many limits in the kernel
     [metrics]
     listen = "127.0.0.1:9917"     # or "[::1]:9917", or "unix:/run/chadthrottle/metrics.sock";
                                   # absent or "" = no metrics endpoint
@@ -39,9 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidConfig
+
+#: room for limits (budgets: each SetLimit, each process a scope=process rule limits, each
+#: application rule) in the kernel's maps; ~0.2 KB of kernel memory each
+MAX_LIMITS_DEFAULT = 16384
+MAX_LIMITS_MIN, MAX_LIMITS_MAX = 16, 1 << 20
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_LOG = "CHADTHROTTLE_LOG"
@@ -148,6 +154,7 @@ class Settings(BaseModel):
 
     log_level: Literal["debug", "info", "warning", "error"] | None = None
     monitor_all: bool = False
+    max_limits: int = Field(default=MAX_LIMITS_DEFAULT, ge=MAX_LIMITS_MIN, le=MAX_LIMITS_MAX)
     metrics: MetricsSettings = MetricsSettings()
 
 
@@ -250,17 +257,20 @@ class Effective:
     monitor_all: bool
     metrics: ListenAddress | None
     sources: dict[str, str]
+    max_limits: int = MAX_LIMITS_DEFAULT
 
     def describe(self) -> str:
         """One line for the journal."""
         level = self.log_level or "(from $CHADTHROTTLE_LOG or default)"
         return (f"log_level={level} [{self.sources['log_level']}], "
                 f"monitor_all={str(self.monitor_all).lower()} [{self.sources['monitor_all']}], "
-                f"metrics.listen={self.metrics or 'off'} [{self.sources['metrics.listen']}]")
+                f"metrics.listen={self.metrics or 'off'} [{self.sources['metrics.listen']}], "
+                f"max_limits={self.max_limits} [{self.sources.get('max_limits', 'default')}]")
 
 
 def effective(file: Settings, environ: Mapping[str, str], *, log_level: str | None = None,
-              monitor_all: bool | None = None, metrics_listen: str | None = None) -> Effective:
+              monitor_all: bool | None = None, metrics_listen: str | None = None,
+              max_limits: int | None = None) -> Effective:
     """Merge the command line (None: not given), the file and the environment."""
     set_in_file = file.model_fields_set
     sources: dict[str, str] = {}
@@ -290,4 +300,13 @@ def effective(file: Settings, environ: Mapping[str, str], *, log_level: str | No
         addr, sources["metrics.listen"] = file.metrics.address, "file"
     else:
         addr, sources["metrics.listen"] = None, "default"
-    return Effective(level, mon, addr, sources)
+    if max_limits is not None:
+        if not MAX_LIMITS_MIN <= max_limits <= MAX_LIMITS_MAX:
+            raise InvalidConfig(f"--max-limits: {max_limits} is not between {MAX_LIMITS_MIN} "
+                                f"and {MAX_LIMITS_MAX}", key="max_limits", source="--max-limits")
+        most, sources["max_limits"] = max_limits, "option"
+    elif "max_limits" in set_in_file:
+        most, sources["max_limits"] = file.max_limits, "file"
+    else:
+        most, sources["max_limits"] = MAX_LIMITS_DEFAULT, "default"
+    return Effective(level, mon, addr, sources, most)

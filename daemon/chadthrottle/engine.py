@@ -112,10 +112,13 @@ NOTICE_FULL = "full"            # a map was full (detail says which)
 class Engine:
     def __init__(self, *, object_path: str | Path | None = None,
                  cgroup_root: str | Path | None = None, monitor_root: bool = False,
-                 pace_local_peers: bool = True, queues: bool = True):
+                 pace_local_peers: bool = True, queues: bool = True,
+                 max_limits: int | None = None):
         """pace_local_peers: pace the sender of a limited connection when it is a socket on
         this host (exact, lossless); queues: queue remote senders' packets of limited sockets
-        (ifb + htb devices the engine owns) instead of leaving them to the backstop."""
+        (ifb + htb devices the engine owns) instead of leaving them to the backstop;
+        max_limits: room for that many limits (budgets) in the kernel (abi.MAX_LIMITS)."""
+        self.max_limits = max_limits
         self._object_path = object_path
         self._cgroup_root = cgroup_root
         self.monitor_root = monitor_root
@@ -131,7 +134,7 @@ class Engine:
             return self
         cgroups.check_kernel()
         self.cg = cgroups.Cgroups(self._cgroup_root)
-        kernel = Kernel(self._object_path)
+        kernel = Kernel(self._object_path, max_limits=self.max_limits)
         try:
             kernel.load()
         except OSError as exc:
@@ -349,6 +352,10 @@ class Engine:
     _rows: list = []
     _rows_gen = -1
 
+    def limit_count(self) -> int:
+        """How many limits are listed (what limit_rows() would return), in O(1)."""
+        return len(self.budgets.by_root) if self.budgets is not None else 0
+
     def limit_of(self, pid: int) -> Limit | None:
         """The limit whose root pid is `pid` (who set it, which rule), or None."""
         bid = self.budgets.by_root.get(pid)
@@ -516,7 +523,9 @@ class Engine:
             which = {abi.FULL_LIMITS: "limits", abi.FULL_TASKS: "process storage",
                      abi.FULL_PEERS: "paced connections",
                      abi.FULL_TRAFFIC: "traffic"}.get(int(ev.a), str(ev.a))
-            out.append(Notice(NOTICE_FULL, ev.tgid, detail=which))
+            kr = self.matcher.rule_of_slot(ev.rule) if ev.rule else None
+            out.append(Notice(NOTICE_FULL, ev.tgid, rule=kr.rule_id if kr else "",
+                              detail=which))
         return False
 
     def on_class_needed(self, key: int, unit: bool) -> None:

@@ -38,8 +38,13 @@ def _trim_heap() -> None:
 
 
 class Kernel:
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.obj = BpfObject(path)
+    def __init__(self, path: str | Path | None = None, *, max_limits: int | None = None) -> None:
+        """max_limits: room for that many budgets (the limits and limit_cfg maps) instead of
+        abi.MAX_LIMITS."""
+        sizes = {names.MAP_LIMITS: max_limits, names.MAP_LIMIT_CFG: max_limits} \
+            if max_limits else {}
+        self.obj = BpfObject(path, map_sizes=sizes)
+        self.max_limits = max_limits or abi.MAX_LIMITS
         self.fds: dict[str, int] = {}
         self.config = abi.Config()
         self.pid_level = 0
@@ -53,6 +58,7 @@ class Kernel:
 
     def load(self) -> None:
         self.obj.load()
+        self.max_limits = self.obj.max_entries(names.MAP_LIMITS)
         for m in MAPS:
             self.fds[m] = self.obj.map_fd(m)
         self.config.daemon_tgid = os.getpid()

@@ -47,6 +47,8 @@ PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bpf_object__find_map_by_name": (bpf_map_p, [bpf_object_p, c_char_p]),
     "bpf_object__find_program_by_name": (bpf_program_p, [bpf_object_p, c_char_p]),
     "bpf_map__fd": (c_int, [bpf_map_p]),
+    "bpf_map__set_max_entries": (c_int, [bpf_map_p, c_uint32]),
+    "bpf_map__max_entries": (c_uint32, [bpf_map_p]),
     "bpf_map__value_size": (c_uint32, [bpf_map_p]),
     "bpf_map__key_size": (c_uint32, [bpf_map_p]),
     "bpf_program__fd": (c_int, [bpf_program_p]),

@@ -34,10 +34,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from .atomicfile import atomic_remove, atomic_write, ensure_dir
 from .errors import InvalidRule
 from .rules import procinfo
 from .rules.model import ID_RE, Rule, check_rate
-from .rules.store import atomic_remove, atomic_write, ensure_dir
 
 ORIGIN_MAX = 256
 PID_MAX = 1 << 22
@@ -181,7 +181,8 @@ class StateDir:
             ensure_dir(d)
             self._made.add(d)
         text = json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n"
-        atomic_write(self._file(kind, name), text.encode("utf-8"), durable=False)
+        atomic_write(self._file(kind, name), text.encode("utf-8"), durable=False,
+                     make_dir=False)
 
     # -- writes ------------------------------------------------------------------------------
     def put_limit(self, lim: StoredLimit) -> None:
@@ -209,7 +210,7 @@ class StateDir:
         self._write(HEIRS, str(heir.pid), heir.model_dump())
 
     def drop_heir(self, pid: int) -> None:
-        atomic_remove(self._file(HEIRS, str(pid)))
+        atomic_remove(self._file(HEIRS, str(pid)), durable=False)
 
     def heirs(self) -> tuple[StoredHeir, ...]:
         """The heirs kept now (damaged entries are left for load() to report)."""

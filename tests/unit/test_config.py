@@ -105,14 +105,16 @@ def test_files_that_cannot_be_read_are_named(tmp_path: Path) -> None:
 
 
 # --- command line > file > environment > defaults ----------------------------------------------
-FILE = from_toml('log_level = "warning"\nmonitor_all = false\n[metrics]\n'
+FILE = from_toml('log_level = "warning"\nmonitor_all = false\nmax_limits = 4096\n[metrics]\n'
                  'listen = "127.0.0.1:9917"\n', SRC)
 
 
 def test_the_command_line_wins() -> None:
     e = effective(FILE, {"CHADTHROTTLE_MONITOR_ALL": "1", "CHADTHROTTLE_LOG": "debug"},
-                  log_level="error", monitor_all=True, metrics_listen="unix:/run/m.sock")
+                  log_level="error", monitor_all=True, metrics_listen="unix:/run/m.sock",
+                  max_limits=100_000)
     assert (e.log_level, e.monitor_all, str(e.metrics)) == ("error", True, "unix:/run/m.sock")
+    assert e.max_limits == 100_000
     assert set(e.sources.values()) == {"option"}
     assert effective(FILE, {}, metrics_listen="").metrics is None  # '' turns it off
 
@@ -121,15 +123,18 @@ def test_the_file_wins_over_the_environment() -> None:
     # the packaged unit sets CHADTHROTTLE_LOG=info: the administrator's file must win
     e = effective(FILE, {"CHADTHROTTLE_MONITOR_ALL": "1", "CHADTHROTTLE_LOG": "info"})
     assert (e.log_level, e.monitor_all, str(e.metrics)) == ("warning", False, "127.0.0.1:9917")
-    assert e.sources == {"log_level": "file", "monitor_all": "file", "metrics.listen": "file"}
+    assert e.sources == {"log_level": "file", "monitor_all": "file", "metrics.listen": "file",
+                         "max_limits": "file"}
+    assert e.max_limits == 4096
     assert "log_level=warning [file]" in e.describe()
+    assert "max_limits=4096 [file]" in e.describe()
 
 
 def test_the_environment_then_the_defaults() -> None:
     e = effective(Settings(), {"CHADTHROTTLE_MONITOR_ALL": "1", "CHADTHROTTLE_LOG": "debug"})
     assert (e.log_level, e.monitor_all, e.metrics) == (None, True, None)
     assert e.sources == {"log_level": "environment", "monitor_all": "environment",
-                         "metrics.listen": "default"}
+                         "metrics.listen": "default", "max_limits": "default"}
     d = effective(Settings(), {})
     assert (d.log_level, d.monitor_all, d.metrics) == (None, False, None)
     assert set(d.sources.values()) == {"default"}
@@ -173,4 +178,19 @@ def test_a_broken_file_stops_the_daemon_before_anything_starts(tmp_path: Path, c
 
 
 def test_the_keys_are_the_documented_ones() -> None:
-    assert config.KEYS == {"": ("log_level", "monitor_all", "metrics"), "metrics": ("listen",)}
+    assert config.KEYS == {"": ("log_level", "monitor_all", "max_limits", "metrics"),
+                           "metrics": ("listen",)}
+
+
+@pytest.mark.parametrize("text", ["max_limits = 8", "max_limits = 2_000_000",
+                                  'max_limits = "4096"', "max_limits = 4096.0"])
+def test_max_limits_is_a_whole_number_in_its_range(text: str) -> None:
+    with pytest.raises(InvalidConfig) as info:
+        from_toml(text, SRC)
+    assert "max_limits" in str(info.value)
+
+
+def test_a_bad_max_limits_option_names_the_option() -> None:
+    with pytest.raises(InvalidConfig) as info:
+        effective(Settings(), {}, max_limits=3)
+    assert "--max-limits" in str(info.value)

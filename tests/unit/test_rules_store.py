@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from chadthrottle.atomicfile import atomic_write
 from chadthrottle.errors import InvalidRule
 from chadthrottle.rules.model import Rule
 from chadthrottle.rules.ruleset import RuleSet
-from chadthrottle.rules.store import RuleFiles, atomic_write
+from chadthrottle.rules.store import RuleFiles
 
 STEAM_TOML = ('name = "Steam downloads"\nexe = "/usr/lib/steam/*"\nscope = "application"\n'
               'download = 5_000_000\n')

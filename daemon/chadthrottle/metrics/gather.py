@@ -169,7 +169,7 @@ class Gatherer:
         e = self._engine
         now = self._clock()
         values = dict(libbpf.map_lookup_all(e.kernel.fd(names.MAP_LIMITS), ctypes.c_uint64,
-                                            abi.Limit, abi.MAX_LIMITS))
+                                            abi.Limit, e.kernel.max_limits))
         active = e.sampler.active_budgets()
         limits: list[LimitRow] = []
         per_rule: dict[str, list] = {}  # rule -> [(directions, members)] of its limits

@@ -9,84 +9,21 @@ start with a dot are read (editor backups and our own temporary files are skippe
 
 The runtime state (limits, runtime rules) is kept by :mod:`chadthrottle.state`.
 
-Every write is atomic: a temporary file in the same directory, fsync, rename over the old
-name, fsync of the directory.  Files are 0644; directories the store creates are 0755 (and
-owned by the daemon's user: root).
+Every write is atomic and durable (:mod:`chadthrottle.atomicfile`).  Files are 0644;
+directories the store creates are 0755 (and owned by the daemon's user: root).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
+from ..atomicfile import atomic_remove, atomic_write
 from ..errors import InvalidRule
 from .model import ID_RE, Rule
 
 RULE_FILE_SUFFIX = ".toml"
 MAX_RULE_FILE_BYTES = 64 * 1024
-FILE_MODE = 0o644
-DIR_MODE = 0o755
-
-
-# --- atomic files -----------------------------------------------------------------------------
-def ensure_dir(path: Path, mode: int = DIR_MODE) -> None:
-    """Create ``path`` and its missing parents with ``mode`` (whatever the umask)."""
-    missing = []
-    p = Path(path)
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=mode)
-        except FileExistsError:
-            continue
-        os.chmod(d, mode)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new one, never a part.
-    durable: also fsync the file and its directory (the change survives a power loss, not
-    only a crash of the process); the runtime state, which lives until reboot anyway, needs
-    only the rename."""
-    path = Path(path)
-    ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-def atomic_remove(path: Path, *, durable: bool = True) -> bool:
-    """Remove ``path``; False if it did not exist."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    if durable:
-        fsync_dir(Path(path).parent)
-    return True
 
 
 # --- permanent rules --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from .. import names, procfs
 from ..engine import (
     NOTICE_EXEC,
     NOTICE_EXITED,
+    NOTICE_FULL,
     NOTICE_MOVED,
     NOTICE_RULE,
     ORIGIN_EXPLICIT,
@@ -24,7 +25,9 @@ from ..engine import (
     Limit,
 )
 from ..errors import ChadthrottleError, NoSuchProcess
+from ..ratelimit import RateLimiter, log_limited
 from ..rules.model import Rule
+from ..safetext import printable as safe
 from ..state import StateDir, StoredHeir, StoredLimit, StoredUnitLimit, restorable
 from .rulebook import RuleBook
 
@@ -112,6 +115,7 @@ class Core:
             self.state.drop_limit(pid)
             if had:
                 self.rules.match_tree(pid)
+            self.rules.retry_denied()
         else:
             self.state.put_limit(StoredLimit(pid=lim.pid, start_time=lim.start_time,
                                              download=lim.download, upload=lim.upload,
@@ -126,6 +130,7 @@ class Core:
         self.state.drop_limit(pid)
         if had:
             self.rules.match_tree(pid)
+        self.rules.retry_denied()
 
     def _explicit(self, pid: int) -> bool:
         """Does pid hold a limit set with SetLimit (which wins over rules while it lives)?"""
@@ -164,6 +169,7 @@ class Core:
         log.info("rule %s added (%s)", rule.id, "permanent" if rule.permanent else "runtime",
                  extra={"journal": {F + "RULE": rule.id, F + "KIND": "rule-add"}})
         self._forget_heirs()
+        self.rules.retry_denied()
         return rule.id
 
     def remove_rule(self, rule_id: str) -> None:
@@ -173,6 +179,7 @@ class Core:
         log.info("rule %s removed", rule_id,
                  extra={"journal": {F + "RULE": rule_id, F + "KIND": "rule-remove"}})
         self._forget_heirs()
+        self.rules.retry_denied()
 
     def take_rule_changes(self) -> list[tuple[str, int]]:
         """(LIMITED or FREED, pid) of what rules did since the last call (for signals)."""
@@ -184,11 +191,16 @@ class Core:
     def reload(self) -> None:
         self.rules.reload()
         self._forget_heirs()
+        self.rules.retry_denied()
 
     # ---- what the kernel reported ----------------------------------------------------------
     def on_notices(self, notices) -> None:
+        freed = False
         for n in notices:
-            if n.kind == NOTICE_EXITED:
+            if n.kind == NOTICE_FULL:
+                self._full(n)
+            elif n.kind == NOTICE_EXITED:
+                freed = True
                 self.state.drop_limit(n.pid)
                 if n.rule:
                     self.state.drop_heir(n.pid)
@@ -217,3 +229,22 @@ class Core:
                     self.rules.on_exec(n.pid)
                 except NoSuchProcess:
                     pass
+        if freed:  # room for the processes rules matched while the kernel had none
+            self.rules.retry_denied()
+
+    _full_log = RateLimiter(burst=5, period=60.0)
+
+    def _full(self, n) -> None:
+        """A kernel map was full (which way each fails is chosen in the README, "Limits")."""
+        if n.detail == "limits" and n.rule and n.pid:
+            self.rules.no_room(n.pid, None, n.rule)  # limited by its rule when room comes
+            return
+        what = {
+            "process storage": "could not join its limit (no kernel memory for its "
+                               "membership): it runs unlimited",
+            "paced connections": "has a connection whose sender on this host is not paced "
+                                 "(its limit is held by the bucket alone)",
+        }.get(n.detail, f"could not be limited ({n.detail} map full)")
+        log_limited(log, self._full_log, n.detail, logging.WARNING, "the kernel's %s map is "
+                    "full: PID %d (%s) %s", n.detail, n.pid, safe(procfs.comm(n.pid)), what,
+                    )

@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"serve OpenMetrics on ADDR: an IP address and port "
                         f"({config.SUGGESTED_LISTEN}, [::1]:9917) or unix:/PATH; '' for "
                         f"none (default: [metrics] listen in chadthrottled.toml, else none)")
+    p.add_argument("--max-limits", type=int, default=None, metavar="N",
+                   help="room for N limits in the kernel (default: max_limits in "
+                        "chadthrottled.toml, else 16384); past it SetLimit answers "
+                        "Unsupported and a rule's new process runs unlimited (journal)")
     p.add_argument("--config-dir", default=None, metavar="DIR",
                    help=f"configuration directory: the settings are DIR/{paths.SETTINGS_FILE}, "
                         f"permanent rules DIR/rules.d/*.toml "
@@ -126,8 +130,10 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
 
         notify("STATUS=loading the BPF programs")
+        settings = getattr(self.args, "settings", None)
         self.engine = Engine(object_path=self.args.bpf_object, cgroup_root=self.args.cgroup_root,
-                             monitor_root=self.args.monitor_all)
+                             monitor_root=self.args.monitor_all,
+                             max_limits=settings.max_limits if settings else None)
         try:
             self.engine.open()
         except ChadthrottleError as e:
@@ -332,10 +338,6 @@ class Daemon:
         except Exception:
             log.exception("handling kernel events failed")
             return
-        for n in notices:
-            if n.kind == "full":
-                log.warning("the kernel's %s map is full: a process could not be limited "
-                            "(it runs unlimited)", n.detail)
         try:
             self.core.on_notices(notices)
         except Exception:
@@ -407,7 +409,8 @@ def load_settings(args: argparse.Namespace, environ=os.environ) -> config.Effect
     environment (InvalidConfig naming the file or option and the key)."""
     args.settings_file = config.load(args.paths.settings_file)
     eff = config.effective(args.settings_file, environ, log_level=args.log_level,
-                           monitor_all=args.monitor_all, metrics_listen=args.metrics_listen)
+                           monitor_all=args.monitor_all, metrics_listen=args.metrics_listen,
+                           max_limits=args.max_limits)
     args.settings = eff
     args.monitor_all = eff.monitor_all
     return eff

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import abi, cgroups, names, procfs
 from ..budgets import burst_for
 from ..engine import Engine, KernelRule
-from ..errors import ChadthrottleError, InvalidLimit, NoSuchLimit, NoSuchProcess
+from ..errors import ChadthrottleError, InvalidLimit, NoSuchLimit, NoSuchProcess, Unsupported
+from ..ratelimit import RateLimiter, log_limited
 from ..rules import procinfo
 from ..rules.match import KernelKeys, best_rule, kernel_keys, matches
 from ..rules.model import Rule
@@ -37,6 +39,9 @@ log = logging.getLogger("chadthrottle.rules")
 F = names.JOURNAL_FIELD_PREFIX
 LIMITED = "limited"  # a rule limits the process now, or its rule's rate changed
 FREED = "freed"      # the rule that limited the process was removed, disabled or changed
+#: processes a rule matched while the kernel had no room for another limit, kept to be
+#: limited when room comes back (the oldest are forgotten past this many)
+MAX_DENIED = 4096
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ class RuleBook:
         #: (LIMITED or FREED, pid) of limits rules set, changed or ended, not yet announced
         #: on the bus (the bus layer takes them: LimitChanged, LimitRemoved)
         self._changes: list[tuple[str, int]] = []
+        #: pid -> (start time, rule id): matched, but no room for a limit (retry_denied)
+        self.denied: OrderedDict[int, tuple[int, str]] = OrderedDict()
+        self._no_room_log = RateLimiter(burst=5, period=60.0)
 
     # -- loading -------------------------------------------------------------------------
     def start(self, runtime: tuple[Rule, ...] = ()) -> None:
@@ -343,7 +351,54 @@ class RuleBook:
                                slot=self._slot(rule.id))
         except (NoSuchProcess, InvalidLimit):
             return
+        except Unsupported:  # no room for another limit in the kernel
+            self.no_room(pid, start_time, rule.id)
+            return
+        self.denied.pop(pid, None)
         self.started(rule.id, pid)
+
+    # -- no room for another limit -----------------------------------------------------------
+    def no_room(self, pid: int, start_time: int | None, rule_id: str) -> None:
+        """Rule ``rule_id`` matched ``pid`` but the kernel's limits map is full: the process
+        runs unlimited (fail open: an exec cannot be held back) until a limit ends, then
+        :meth:`retry_denied` limits it.  Said in the journal (rate-limited: a storm of
+        matching processes is a storm of these)."""
+        if start_time is None:
+            try:
+                start_time = procfs.start_time(pid)
+            except NoSuchProcess:
+                return
+        self.denied[pid] = (start_time, rule_id)
+        self.denied.move_to_end(pid)
+        while len(self.denied) > MAX_DENIED:
+            self.denied.popitem(last=False)
+        log_limited(log, self._no_room_log, "no-room", logging.WARNING,
+                    "no room for another limit (the kernel holds at most %d): rule %s "
+                    "matched PID %d (%s), which runs unlimited until a limit ends",
+                    self._engine.kernel.max_limits if self._engine.kernel else 0, rule_id,
+                    pid, safe(procfs.comm(pid)))
+
+    def retry_denied(self) -> int:
+        """Limits ended: give the processes denied for want of room their rule's limit, as
+        many as there is room for now.  Returns how many got one."""
+        done = 0
+        if not self.denied:
+            return 0
+        inodes = self._inodes()
+        for pid, (start_time, _) in list(self.denied.items()):
+            eng = self._engine
+            if eng.kernel is None or len(eng.budgets) >= eng.kernel.max_limits:
+                break
+            del self.denied[pid]
+            try:
+                if procfs.start_time(pid) != start_time:
+                    continue
+            except NoSuchProcess:
+                continue
+            before = len(self._changes)
+            self._match(pid, inodes)
+            done += len(self._changes) > before
+        return done
 
     def started(self, rule_id: str, pid: int) -> None:
         """Rule ``rule_id`` limits process pid now (by the daemon, or by the kernel at exec)."""

@@ -326,9 +326,9 @@ class Throttle1(ServiceInterface):
         read it when they need it, and a burst of changes to thousands of limits does not
         send the whole list each time."""
         self._limits_pending = False
-        rows = self._engine.limit_rows()
         try:
-            if len(rows) <= LIMITS_INLINE:
+            if self._engine.limit_count() <= LIMITS_INLINE:  # no listing made past that
+                rows = self._engine.limit_rows()
                 self.emit_properties_changed({"Limits": [list(r) for r in rows]})
             else:
                 self.emit_properties_changed({}, ["Limits"])
