@@ -19,6 +19,7 @@ ARCH        := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BTF_VMLINUX ?= /sys/kernel/btf/vmlinux
 OBJ_DIR     := daemon/chadthrottle/data
 BPF_OBJ     := $(OBJ_DIR)/throttle.bpf.o
+FLOOR_OBJ   := $(OBJ_DIR)/floor.bpf.o
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 JSON        ?=
@@ -83,7 +84,15 @@ $(BPF_OBJ): bpf/throttle.bpf.c bpf/throttle.h bpf/bucket.h bpf/vmlinux.h
 	  -I bpf -c bpf/throttle.bpf.c -o $@
 	$(Q)llvm-strip -g $@ 2>/dev/null || true
 
-build: $(VENV)/.apt-stamp $(BPF_OBJ)
+# the overhead benchmark's floor: programs that do nothing (never loaded by the daemon)
+$(FLOOR_OBJ): bpf/floor.bpf.c bpf/vmlinux.h
+	@echo "  CLANG $@"
+	$(Q)mkdir -p $(OBJ_DIR)
+	$(Q)$(CLANG) -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
+	  -I bpf -c bpf/floor.bpf.c -o $@
+	$(Q)llvm-strip -g $@ 2>/dev/null || true
+
+build: $(VENV)/.apt-stamp $(BPF_OBJ) $(FLOOR_OBJ)
 
 # ---- run, test, bench ----------------------------------------------------------------------
 run: deps build
@@ -95,9 +104,12 @@ test: deps build
 	$(Q)rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no test" >&2; exit 1; fi; exit $$rc
 
+# the README's figures: `make bench PLOT=1` (plots into docs/bench), `make bench JSON=1`
 bench: deps build
-	$(Q)$(PY) -m chadthrottle.bench accuracy $(if $(JSON),--json) $(if $(PLOT),--plot bench-out)
+	$(Q)$(PY) -m chadthrottle.bench accuracy $(if $(JSON),--json) $(if $(PLOT),--plot docs/bench)
+	$(Q)$(PY) -m chadthrottle.bench homelink $(if $(JSON),--json)
 	$(Q)$(PY) -m chadthrottle.bench overhead $(if $(JSON),--json)
+	$(Q)$(PY) -m chadthrottle.bench control $(if $(JSON),--json)
 
 lint: deps
 	$(Q)$(VENV)/bin/ruff check daemon tests

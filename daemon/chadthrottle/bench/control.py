@@ -233,8 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            for k, v in result.items():
-                print(f"{k}: {v}")
+            from . import report
+
+            sc = result["scale"]
+            report.table(
+                f"control plane: a real daemon on a private bus, {sc['limits_held']:,} limits",
+                ["case", "figure", "target", "met"],
+                [(k.replace("_", " "), v["measured"], f"<= {v['target']}",
+                  "yes" if v["met"] else "NO") for k, v in result["targets"].items()]
+                + [("setlimit p50 idle ms", result["setlimit_rtt_ms"]["p50"], "", ""),
+                   ("setlimit p50 held ms", sc["setlimit_rtt_ms_held"]["p50"], "", ""),
+                   ("listprocesses ms", sc["listprocesses_ms"]["median"], "", ""),
+                   ("setlimit per s (10,000 in a row)", sc["setlimit_per_s"], "", ""),
+                   ("rss per limit KB", result.get("rss_mb", {}).get("per_limit_kb"), "", ""),
+                   ("shutdown s", result.get("shutdown", {}).get("seconds"), "", "")])
         return 0
     finally:
         if daemon is not None and daemon.poll() is None:

@@ -131,3 +131,32 @@ def measure(link_rate: int = LINK, limit: int = LIMIT, seconds: float = SECONDS)
                              neighbour_share=round(r["neighbour_bps"] / (capacity - limit), 4))
                     out.append(r)
     return out
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    from . import report
+
+    ap = argparse.ArgumentParser(prog="python -m chadthrottle.bench homelink",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--seconds", type=float, default=SECONDS)
+    a = ap.parse_args(argv)
+    rows = measure(seconds=a.seconds)
+    if a.json:
+        for r in rows:
+            report.emit_json(r)
+        return 0
+    cap = rows[0]["capacity_bps"]
+    report.table(
+        f"home link: {report.human_rate(LINK)} bottleneck (capacity measured "
+        f"{report.human_rate(cap)}), one download limited to {report.human_rate(LIMIT)}, one "
+        f"unlimited neighbour, {a.seconds:.0f} s",
+        ["case", "limited ratio", "neighbour / (capacity - limit)", "dropped by the bucket",
+         "queue drops", "retransmits (limited)", "retransmits (neighbour)"],
+        [("download queue" if r["queues"] else "bucket alone (policer)", f"{r['ratio']:.3f}",
+          f"{r['neighbour_share']:.3f}",
+          f"{r['dropped_bytes'] / max(r['delivered_bytes'], 1):.2%}", r["queue_drops"],
+          r["retrans_limited"], r["retrans_unlimited"]) for r in rows])
+    return 0

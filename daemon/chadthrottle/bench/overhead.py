@@ -3,7 +3,9 @@
 An unlimited iperf3 transfer on loopback runs with the programs attached at the cgroup2
 root (every packet of the machine goes through them, no limit set) and detached,
 alternating in the same run so both see the same machine.  ns per packet comes from the
-kernel's own bpf_stats (run_time_ns / run_cnt of the ingress and egress programs).
+kernel's own bpf_stats (run_time_ns / run_cnt of the ingress and egress programs), measured
+for ours and, in the same run, for programs that do nothing (``bpf/floor.bpf.c``) attached at
+the same place: the floor is what running any cgroup_skb program costs on this machine.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from importlib import resources
 from pathlib import Path
 
-from .. import libbpf, names
+from .. import cgroups, libbpf, names
+from ..bpfobject import BpfObject
 from ..engine import Engine
 from . import report
 from .traffic import Iperf3, series_rate
@@ -56,11 +60,35 @@ def measure(workload: str, extra: list[str], rounds: int, seconds: float) -> dic
         os.close(stats_fd)
     run_ns = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
     run_cnt = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    floor_ns, floor_cnt = _floor(seconds, extra)
     w, wo = statistics.median(with_bps), statistics.median(without_bps)
+    ours = round(run_ns / run_cnt, 1) if run_cnt else None
+    floor = round(floor_ns / floor_cnt, 1) if floor_cnt else None
     return {"bench": "overhead", "workload": workload, "with_bps": round(w, 1),
             "without_bps": round(wo, 1), "ratio": round(w / wo, 4),
-            "ns_per_packet": round(run_ns / run_cnt, 1) if run_cnt else None,
-            "packets": run_cnt, "rounds": rounds}
+            "ns_per_packet": ours, "packets": run_cnt, "floor_ns_per_packet": floor,
+            "over_floor_ns": round(ours - floor, 1) if ours and floor else None,
+            "rounds": rounds}
+
+
+def _floor(seconds: float, extra: list[str]) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of programs that do nothing, attached at the cgroup2 root for
+    one transfer, with bpf_stats on."""
+    path = Path(str(resources.files("chadthrottle") / "data" / "floor.bpf.o"))
+    root = cgroups.cgroup2_mount()
+    stats_fd = libbpf.check(libbpf.lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "enable stats")
+    try:
+        with BpfObject(path) as obj:
+            for p in ("floor_ingress", "floor_egress"):
+                obj.attach_cgroup(p, root)
+            fds = [obj.program_fd(p) for p in ("floor_ingress", "floor_egress")]
+            before = [_prog_stats(fd) for fd in fds]
+            _bulk(seconds, extra)
+            after = [_prog_stats(fd) for fd in fds]
+    finally:
+        os.close(stats_fd)
+    return (sum(a[0] - b[0] for a, b in zip(after, before, strict=True)),
+            sum(a[1] - b[1] for a, b in zip(after, before, strict=True)))
 
 
 def main(argv: list[str]) -> int:
@@ -78,9 +106,11 @@ def main(argv: list[str]) -> int:
     report.table(
         f"overhead (loopback iperf3, programs at the cgroup2 root vs detached, median of "
         f"{a.rounds} alternating rounds of {a.seconds:.0f} s)",
-        ["case", "with", "without", "ratio", "ns/packet (bpf_stats)", "packets"],
+        ["case", "with", "without", "ratio", "ns/packet (bpf_stats)", "no-op floor",
+         "over the floor", "packets"],
         [(r["workload"], report.human_rate(r["with_bps"]), report.human_rate(r["without_bps"]),
-          f"{r['ratio']:.3f}", r["ns_per_packet"], r["packets"]) for r in rows])
+          f"{r['ratio']:.3f}", r["ns_per_packet"], r["floor_ns_per_packet"],
+          r["over_floor_ns"], r["packets"]) for r in rows])
     return 0
 
 
