@@ -1276,9 +1276,15 @@ static __always_inline void caps_of(struct ct_sk_tag *tag, struct caps *c, __u64
 		}
 	}
 	if (tag->peer_budget) {
-		key = tag->peer_budget;
-		l = bpf_map_lookup_elem(&limits, &key);
-		lc = bpf_map_lookup_elem(&limit_cfg, &key);
+		/* a budget, or a unit limit (CT_CLASS_UNIT | cgroup id) */
+		key = tag->peer_budget & ~CT_CLASS_UNIT;
+		if (tag->peer_budget & CT_CLASS_UNIT) {
+			l = bpf_map_lookup_elem(&unit_limits, &key);
+			lc = bpf_map_lookup_elem(&unit_cfg, &key);
+		} else {
+			l = bpf_map_lookup_elem(&limits, &key);
+			lc = bpf_map_lookup_elem(&limit_cfg, &key);
+		}
 		/* the peer's download is this socket's upload; activity is counted on the
 		 * receiving side, where this connection already counts */
 		seen = now / CT_EPOCH_NS;
@@ -1401,10 +1407,10 @@ static __always_inline void peer_key_of(struct bpf_sock_ops *ops, struct ct_peer
 
 /* A limited connection: register it so its sender, if it is a socket on this host, is found
  * and paced when it becomes established (its key is the sender's view of the tuple). */
-static __always_inline void register_peer(struct bpf_sock_ops *ops, struct ct_sk_tag *tag)
+static __always_inline void register_peer(struct bpf_sock_ops *ops, struct ct_sk_tag *tag,
+					  __u64 bid)
 {
 	struct ct_peer_key k = {};
-	__u64 bid = tag->budget;
 
 	peer_key_of(ops, &k, 1);
 	if (bpf_map_update_elem(&peer_pace, &k, &bid, BPF_ANY))
@@ -1433,6 +1439,14 @@ static __always_inline void callbacks_on(struct bpf_sock_ops *ops, struct ct_sk_
 {
 	if (!(tag->flags & CT_SK_CB) && !bpf_sock_ops_cb_flags_set(ops, CT_CB_FLAGS))
 		tag->flags |= CT_SK_CB;
+}
+
+static __always_inline int unit_download(struct ct_sk_tag *tag)
+{
+	__u64 key = tag->unit;
+	struct ct_limit_cfg *uc = bpf_map_lookup_elem(&unit_cfg, &key);
+
+	return uc && uc->rate[CT_DIR_DOWNLOAD];
 }
 
 static __always_inline int limited_download(struct ct_sk_tag *tag)
@@ -1518,7 +1532,7 @@ int ct_sockops(struct bpf_sock_ops *ops)
 			bpf_setsockopt(ops, SOL_TCP, TCP_MAXSEG, &mss, sizeof(mss));
 		}
 		if (tag->budget && (cfg->flags & CT_CFG_PEERS) && limited_download(tag))
-			register_peer(ops, tag);
+			register_peer(ops, tag, tag->budget);
 		callbacks_on(ops, tag);
 		/* caps before the SYN: a receive window bounded now never grows past it (once
 		 * advertised, a window cannot be taken back) */
@@ -1528,10 +1542,18 @@ int ct_sockops(struct bpf_sock_ops *ops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		if (ops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && !tag->budget && tag->unit &&
+		    (cfg->flags & CT_CFG_PEERS) && !(tag->flags & CT_SK_PEER_REG) &&
+		    unit_download(tag)) {
+			/* a connection of a unit with a download limit (its tag learnt the unit
+			 * from the SYN-ACK): its local sender, which the final ACK establishes
+			 * next, is paced to the unit's share */
+			register_peer(ops, tag, tag->unit | CT_CLASS_UNIT);
+		}
 		if (ops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && tag->budget &&
 		    (cfg->flags & CT_CFG_PEERS) && limited_download(tag)) {
 			/* its sender (if local) was established before: the daemon finds it */
-			register_peer(ops, tag);
+			register_peer(ops, tag, tag->budget);
 			emit(CT_EV_PEER, tag->tgid, tag->budget, 0, 0, 0);
 		}
 		callbacks_on(ops, tag);

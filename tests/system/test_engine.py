@@ -351,6 +351,32 @@ def test_unit_limit_covers_the_cgroup_only(cgroup_tree, http):
             eng.set_unit_limit("nonexistent-unit.scope", MiB, 0)
 
 
+def test_a_process_limit_inside_a_limited_unit_holds_both(cgroup_tree, http):
+    """A unit limited to 2 MiB/s holds two downloads: one with a process limit of its own
+    (512 KiB/s), one without.  The limited one keeps its own limit, the unit's sum stays
+    under the unit's, and the other gets at least its equal share of the unit (the unit's
+    rate is shared by count of active sockets: the part of a share that a lower process
+    limit leaves unused is not handed on; README, Limits)."""
+    scope = cgroup_tree.make("both.slice/app-2.scope")
+    small = Transfer(curl_download(http.url(100 * MiB), SECONDS), max_seconds=SECONDS,
+                     start_paused=True)
+    rest = Transfer(curl_download(http.url(100 * MiB), SECONDS), max_seconds=SECONDS,
+                    start_paused=True)
+    with small, rest, Engine() as eng:
+        for t in (small, rest):
+            cgroup_tree.move(t.pid, scope)
+        eng.set_unit_limit("app-2.scope", 2 * MiB, 0)
+        eng.set_limit(small.pid, MiB // 2, 0)
+        small.release()
+        rest.release()
+        r_small, r_rest = steady(small), steady(rest)
+    print(f"\nprocess limit {r_small / (MiB // 2):.3f}x of 512 KiB/s; unit "
+          f"{(r_small + r_rest) / (2 * MiB):.3f}x of 2 MiB/s")
+    assert in_band(r_small / (MiB // 2)), r_small
+    assert (r_small + r_rest) / (2 * MiB) <= 1.1, (r_small, r_rest)
+    assert r_rest / MiB >= 0.8, (r_small, r_rest)
+
+
 def test_bpf_object_loads_without_runtime_compiler():
     # the object is a prebuilt ELF file and no compiler is spawned by loading it
     out = subprocess.run([sys.executable, "-c", "from chadthrottle.engine import Engine\n"
