@@ -29,6 +29,7 @@ def _private_daemon_dirs():
 
 
 def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_DIR, ignore_errors=True)  # also when collection failed (no fixture ran)
     left = hostguard.leftovers(_BEFORE, hostguard.snapshot())
     if not left:
         return
