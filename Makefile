@@ -100,7 +100,7 @@ run: deps build
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass
 test: deps build
-	$(Q)$(VENV)/bin/ruff check daemon tests
+	$(Q)$(VENV)/bin/ruff check --no-cache daemon tests
 	$(Q)rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no test" >&2; exit 1; fi; exit $$rc
 
@@ -112,7 +112,7 @@ bench: deps build
 	$(Q)$(PY) -m chadthrottle.bench control $(if $(JSON),--json)
 
 lint: deps
-	$(Q)$(VENV)/bin/ruff check daemon tests
+	$(Q)$(VENV)/bin/ruff check --no-cache daemon tests
 
 # ---- install (honours DESTDIR and PREFIX) ---------------------------------------------------
 # dbus-daemon and polkitd read policy only from their own data directories (or /etc), never

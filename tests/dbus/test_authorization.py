@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+
+from chadthrottle import names
 from conftest import (
     env_with,
     name_has_owner,
@@ -17,8 +19,6 @@ from conftest import (
     rules_allowing_own,
     run_polkitd,
 )
-
-from chadthrottle import names
 
 pytestmark = requires_root
 

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, env_with, start_daemon, stop_pid
 from dbus_fast.introspection import Node
 
 from chadthrottle import __version__, names
+from conftest import ROOT, env_with, start_daemon, stop_pid
 
 XML = ROOT / "dbus" / "org.chadthrottle.Throttle1.xml"
 UNIT = ROOT / "packaging" / "chadthrottled.service"

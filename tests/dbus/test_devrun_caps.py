@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, dbus_send, requires_bpf_object, requires_root, start_daemon
 
 from chadthrottle.bench.traffic import HttpServer, Transfer, curl_download
+from conftest import ROOT, dbus_send, requires_bpf_object, requires_root, start_daemon
 
 pytestmark = [requires_root, requires_bpf_object]
 

@@ -10,10 +10,10 @@ import threading
 import time
 
 import pytest
-from conftest import env_with, stop_pid
 
 from chadthrottle import names
 from chadthrottle.bench.traffic import HttpServer, Transfer, curl_download
+from conftest import env_with, stop_pid
 
 MIB = 1024 * 1024
 LIMIT = 1 * MIB

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from chadthrottle import names
+from chadthrottle.bench.traffic import HttpServer, Transfer, paced_download
 from conftest import (
     Listener,
     as_user,
@@ -37,9 +40,6 @@ from conftest import (
     run_polkitd,
     stop_pid,
 )
-
-from chadthrottle import names
-from chadthrottle.bench.traffic import HttpServer, Transfer, paced_download
 
 pytestmark = requires_root
 

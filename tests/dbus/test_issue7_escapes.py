@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import env_with, name_has_owner, requires_root, stop_pid
 
 from chadthrottle import cgroups, names
 from chadthrottle.bench.traffic import HttpServer
+from conftest import env_with, name_has_owner, requires_root, stop_pid
 
 pytestmark = requires_root
 

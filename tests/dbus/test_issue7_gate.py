@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from chadthrottle import names
 from conftest import (
     ROOT,
     Listener,
@@ -31,8 +33,6 @@ from conftest import (
     start_daemon,
     stop_pid,
 )
-
-from chadthrottle import names
 
 pytestmark = requires_root
 

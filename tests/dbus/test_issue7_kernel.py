@@ -25,6 +25,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from chadthrottle import cgroups, names
+from chadthrottle.bench.traffic import HttpServer, Transfer, curl_download
 from conftest import (
     as_user,
     env_with,
@@ -34,9 +37,6 @@ from conftest import (
     start_daemon,
     stop_pid,
 )
-
-from chadthrottle import cgroups, names
-from chadthrottle.bench.traffic import HttpServer, Transfer, curl_download
 
 pytestmark = requires_root
 

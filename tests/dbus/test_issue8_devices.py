@@ -7,11 +7,10 @@ from __future__ import annotations
 import subprocess
 import time
 
-from conftest import dbus_send, env_with, requires_root, start_daemon, stop_pid
-
 from chadthrottle import names
 from chadthrottle.bench.netns import HomeLink, inside
 from chadthrottle.bench.traffic import HttpServer, Transfer, curl_download
+from conftest import dbus_send, env_with, requires_root, start_daemon, stop_pid
 
 pytestmark = requires_root
 MiB = 1 << 20

@@ -7,9 +7,9 @@ import os
 import time
 
 import pytest
-from conftest import start_daemon
 
 from chadthrottle.bench.traffic import HttpServer, Transfer, paced_download
+from conftest import start_daemon
 
 MiB = 1 << 20
 

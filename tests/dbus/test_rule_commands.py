@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import env_with, start_daemon, stop_pid
 
 import chadthrottle
 from chadthrottle import names
 from chadthrottle.cli.rules import RULE_JSON_KEYS
+from conftest import env_with, start_daemon, stop_pid
 
 pytestmark = [
     pytest.mark.root,
