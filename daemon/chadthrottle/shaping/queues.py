@@ -339,8 +339,8 @@ class Queues:
     def scan(self, fresh: bool = True) -> None:
         """Queues on uplinks that came up (while a download limit exists); remove those of
         uplinks that went down or away."""
-        if not self._wanted:
-            return
+        if not self._wanted or not (self._devices or self._uplinks):
+            return  # no limited download arrived on a device yet: nothing to look at
         try:
             present = self._candidates(fresh)
         except NetError as exc:
@@ -390,9 +390,15 @@ class Queues:
         return cmds
 
     def _set_class(self, minor: int, rate: int) -> None:
-        """The class (made or changed) on every queued device."""
+        """The class (made or changed) on every queued device.  Where tc fails, the
+        limit's packets pass that device's htb unclassified (its direct queue) and the
+        backstop holds them."""
         for up in list(self._uplinks.values()):
-            run("tc", batch=self._class_commands(up, minor, rate))
+            try:
+                run("tc", batch=self._class_commands(up, minor, rate))
+            except NetError as exc:
+                log.warning("download queue class 1:%x on %s: %s", minor, up.ifname, exc)
+                continue
             up.classes.add(minor)
         self._stats.clear()
 
