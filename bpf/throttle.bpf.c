@@ -55,8 +55,7 @@
 #define PF_EXITING 0x00000004
 #define PF_KTHREAD 0x00200000
 #define TC_H_MAJ_1 0x10000 /* htb root handle 1: */
-#define TCX_MATCH (-1)     /* cls_bpf (non direct-action): matched, run the mirred action */
-#define TCX_NOMATCH 0
+#define CT_TC_NEXT (-1)    /* TC_ACT_UNSPEC (direct action): not ours, the next filter decides */
 
 #define CT_UNLIMITED_PACE 0xffffffffU
 #define CT_CWND_RELEASE 0x7fffffff
@@ -424,7 +423,7 @@ static __always_inline void note_device(struct __sk_buff *skb, __u64 now)
 		emit(CT_EV_DEVICE, 0, 0, ifindex, 0, 0);
 }
 
-/* Until a device's queue is there (a few tens of milliseconds of netlink after its first
+/* Until a device's queue is there (some milliseconds of ip, tc and netlink after its first
  * limited download) the bucket would police the sender's first flight and cost it
  * retransmissions: for at most CT_QUEUE_GRACE_NS after that first packet an over-limit
  * download passes without adding to the bucket's debt (counted in queue_grace; the receive
@@ -1737,6 +1736,11 @@ int ct_setsockopt(struct bpf_sockopt *ctx)
 
 /* ---- remote downloads: classify into the budget's queue (tc ingress of an uplink) ------ */
 
+/* Attached in direct-action mode (libbpf's bpf_tc_attach): a packet of a limited socket gets
+ * its class in skb->priority and is redirected to the egress of the device's ifb, where htb
+ * holds it; every other packet goes on (TC_ACT_UNSPEC: the next filter, if any, decides).
+ * ifb accepts packets redirected by bpf_redirect since Linux 6.4 (__bpf_tx_skb marks them
+ * redirected from ingress); the daemon makes no queue on older kernels. */
 SEC("classifier")
 int ct_tc_classify(struct __sk_buff *skb)
 {
@@ -1745,51 +1749,52 @@ int ct_tc_classify(struct __sk_buff *skb)
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk = 0;
 	struct ct_sk_tag *tag;
-	__u32 *minor = 0, tsize;
+	struct ct_device *dev;
+	__u32 *minor = 0, tsize, ifindex;
 	__u8 proto;
 	__u64 key;
 	struct ethhdr *eth = data;
 	void *l4;
 
 	if ((void *)(eth + 1) > end)
-		return TCX_NOMATCH;
+		return CT_TC_NEXT;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
 		if ((void *)(ip + 1) > end || ip->ihl < 5)
-			return TCX_NOMATCH;
+			return CT_TC_NEXT;
 		proto = ip->protocol;
 		l4 = (void *)ip + ip->ihl * 4;
 		t.ipv4.saddr = ip->saddr;
 		t.ipv4.daddr = ip->daddr;
 		tsize = sizeof(t.ipv4);
 		if (l4 + 4 > end)
-			return TCX_NOMATCH;
+			return CT_TC_NEXT;
 		t.ipv4.sport = *(__be16 *)l4;
 		t.ipv4.dport = *(__be16 *)(l4 + 2);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
 		if ((void *)(ip6 + 1) > end)
-			return TCX_NOMATCH;
+			return CT_TC_NEXT;
 		proto = ip6->nexthdr;
 		l4 = (void *)(ip6 + 1);
 		__builtin_memcpy(t.ipv6.saddr, &ip6->saddr, 16);
 		__builtin_memcpy(t.ipv6.daddr, &ip6->daddr, 16);
 		tsize = sizeof(t.ipv6);
 		if (l4 + 4 > end)
-			return TCX_NOMATCH;
+			return CT_TC_NEXT;
 		t.ipv6.sport = *(__be16 *)l4;
 		t.ipv6.dport = *(__be16 *)(l4 + 2);
 	} else {
-		return TCX_NOMATCH;
+		return CT_TC_NEXT;
 	}
 	if (proto == IPPROTO_TCP)
 		sk = bpf_sk_lookup_tcp(skb, &t, tsize, BPF_F_CURRENT_NETNS, 0);
 	else if (proto == IPPROTO_UDP)
 		sk = bpf_sk_lookup_udp(skb, &t, tsize, BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
-		return TCX_NOMATCH;
+		return CT_TC_NEXT;
 	tag = bpf_sk_storage_get(&sk_tag, sk, 0, 0);
 	key = 0;
 	if (tag && tag->budget) {
@@ -1819,9 +1824,15 @@ int ct_tc_classify(struct __sk_buff *skb)
 	}
 	bpf_sk_release(sk);
 	if (!minor)
-		return TCX_NOMATCH;
+		return CT_TC_NEXT;
+	ifindex = skb->ingress_ifindex;
+	dev = bpf_map_lookup_elem(&dl_devices, &ifindex);
+	if (!dev || dev->state != CT_DEV_QUEUED || !dev->ifb)
+		return CT_TC_NEXT; /* its queue is being made: the grace lets it pass meanwhile */
+	/* htb on the ifb picks the class from skb->priority (htb_classify); the ifb hands the
+	 * packet back to this device's receive path once the class releases it */
 	skb->priority = TC_H_MAJ_1 | (*minor & 0xffff);
-	return TCX_MATCH;
+	return bpf_redirect(dev->ifb, 0);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -199,7 +199,7 @@ struct ct_global {
 struct ct_device {
 	__u64 seen_ns;  /* first limited download (bpf_ktime_get_ns) */
 	__u32 state;    /* CT_DEV_* */
-	__u32 pad;
+	__u32 ifb;      /* ifindex of its queue's ifb (written with CT_DEV_QUEUED; 0: none) */
 };
 
 /* A rule slot of the exec matcher (array map `rules`, CT_MAX_RULES entries). */

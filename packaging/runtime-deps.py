@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Print, one per line, the runtime requirements of pyproject.toml that this Python does not
 satisfy (``make install`` then installs only those, with pip).  The distribution's packages
-come first: on Debian 12, python3-dbus-fast, python3-rich, python3-tomli-w, python3-pyroute2
-and python3-prometheus-client satisfy theirs; pydantic 2 is not packaged there and comes
-from pip."""
+come first: on Debian 12, python3-dbus-fast, python3-rich, python3-tomli-w and
+python3-prometheus-client satisfy theirs; pydantic 2 is not packaged there and comes from
+pip.  The download queues run iproute2's ip and tc (a Debian package, not a Python one)."""
 
 from __future__ import annotations
 

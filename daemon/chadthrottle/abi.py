@@ -206,7 +206,7 @@ class Device(ctypes.Structure):
     _fields_ = [
         ("seen_ns", c_uint64),
         ("state", c_uint32),
-        ("pad", c_uint32),
+        ("ifb", c_uint32),
     ]
 
 

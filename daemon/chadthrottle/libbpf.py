@@ -8,6 +8,7 @@ NULL + errno from pointer functions.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno as _errno
@@ -72,6 +73,11 @@ PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "ring_buffer__consume": (c_int, [bpf_ring_buffer_p]),
     "ring_buffer__epoll_fd": (c_int, [bpf_ring_buffer_p]),
     "ring_buffer__free": (None, [bpf_ring_buffer_p]),
+    "bpf_tc_hook_create": (c_int, [c_void_p]),
+    "bpf_tc_hook_destroy": (c_int, [c_void_p]),
+    "bpf_tc_attach": (c_int, [c_void_p, c_void_p]),
+    "bpf_tc_detach": (c_int, [c_void_p, c_void_p]),
+    "bpf_tc_query": (c_int, [c_void_p, c_void_p]),
 }
 
 
@@ -93,6 +99,28 @@ class BatchOpts(ctypes.Structure):
 
     _fields_ = [("sz", c_size_t), ("elem_flags", c_uint64), ("flags", c_uint64)]
 
+# enum bpf_tc_attach_point, enum bpf_tc_flags (libbpf/libbpf.h)
+BPF_TC_INGRESS = 1 << 0
+BPF_TC_EGRESS = 1 << 1
+BPF_TC_F_REPLACE = 1 << 0
+
+
+class TcHook(ctypes.Structure):
+    """struct bpf_tc_hook (libbpf/libbpf.h): a device's clsact qdisc, one side of it, or both
+    (destroying both removes the qdisc)."""
+
+    _fields_ = [("sz", c_size_t), ("ifindex", c_int), ("attach_point", c_int),
+                ("parent", c_uint32)]
+
+
+class TcOpts(ctypes.Structure):
+    """struct bpf_tc_opts (libbpf/libbpf.h): one cls_bpf filter (direct action) by handle and
+    priority."""
+
+    _fields_ = [("sz", c_size_t), ("prog_fd", c_int), ("flags", c_uint32),
+                ("prog_id", c_uint32), ("handle", c_uint32), ("priority", c_uint32)]
+
+
 _LIBC_PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "vsnprintf": (c_int, [c_char_p, c_size_t, c_char_p, c_void_p]),
 }
@@ -105,6 +133,7 @@ PRINT_KEEP = 16 << 10
 _lib: ctypes.CDLL | None = None
 _libc: ctypes.CDLL | None = None
 _print_cb = None  # keep the callback alive for the life of the process
+_expected = 0  # > 0: a failure the caller handles is expected, libbpf's warnings are debug
 
 
 def _declare(lib: ctypes.CDLL, table: dict[str, tuple[object, list[object]]]) -> None:
@@ -148,6 +177,8 @@ def _install_print() -> None:
         try:
             assert _libc is not None
             py_level = levels.get(level, logging.DEBUG)
+            if _expected:
+                py_level = logging.DEBUG
             if not bpflog.isEnabledFor(py_level):
                 return 0
             if py_level >= logging.WARNING:
@@ -169,6 +200,18 @@ def _install_print() -> None:
     _print_cb = PRINT_FN(_cb)
     assert _lib is not None
     _lib.libbpf_set_print(_print_cb)
+
+
+@contextlib.contextmanager
+def expected_errors():
+    """While in it, libbpf's own messages (the kernel's reason of a refusal) are logged at
+    debug level: the caller expects the call may fail and says what it means itself."""
+    global _expected
+    _expected += 1
+    try:
+        yield
+    finally:
+        _expected -= 1
 
 
 def version() -> tuple[int, int]:
@@ -300,3 +343,49 @@ def map_take_all(fd: int, key_type: type, value_type: type, capacity: int) -> li
         check(ret, "map lookup-and-delete batch")
         ctypes.memmove(token_in, token_out, 16)
         first = False
+
+
+# ---- tc: the clsact qdisc of a device and our filter on its ingress --------------------------
+
+def _tc_hook(ifindex: int, attach_point: int) -> TcHook:
+    return TcHook(sz=ctypes.sizeof(TcHook), ifindex=ifindex, attach_point=attach_point)
+
+
+def tc_clsact_create(ifindex: int) -> None:
+    """Add a clsact qdisc to the device; OSError EEXIST when its ingress already has a qdisc
+    (clsact or ingress: one place for both)."""
+    hook = _tc_hook(ifindex, BPF_TC_INGRESS)
+    check(lib().bpf_tc_hook_create(ctypes.byref(hook)), "tc clsact create")
+
+
+def tc_clsact_destroy(ifindex: int) -> None:
+    """Remove the device's clsact qdisc with every filter in it."""
+    hook = _tc_hook(ifindex, BPF_TC_INGRESS | BPF_TC_EGRESS)
+    check(lib().bpf_tc_hook_destroy(ctypes.byref(hook)), "tc clsact destroy")
+
+
+def tc_attach_ingress(ifindex: int, prog_fd: int, handle: int, priority: int) -> int:
+    """Attach a cls_bpf filter (direct action) to the device's ingress; its program id."""
+    hook = _tc_hook(ifindex, BPF_TC_INGRESS)
+    opts = TcOpts(sz=ctypes.sizeof(TcOpts), prog_fd=prog_fd, handle=handle, priority=priority)
+    check(lib().bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)), "tc filter attach")
+    return int(opts.prog_id)
+
+
+def tc_detach_ingress(ifindex: int, handle: int, priority: int) -> None:
+    hook = _tc_hook(ifindex, BPF_TC_INGRESS)
+    opts = TcOpts(sz=ctypes.sizeof(TcOpts), handle=handle, priority=priority)
+    check(lib().bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts)), "tc filter detach")
+
+
+def tc_query_ingress(ifindex: int, handle: int, priority: int) -> int | None:
+    """The program id of the ingress filter with this handle and priority (None: no such
+    filter, or no clsact qdisc)."""
+    hook = _tc_hook(ifindex, BPF_TC_INGRESS)
+    opts = TcOpts(sz=ctypes.sizeof(TcOpts), handle=handle, priority=priority)
+    with expected_errors():
+        ret = lib().bpf_tc_query(ctypes.byref(hook), ctypes.byref(opts))
+    if ret in (-_errno.ENOENT, -_errno.EINVAL):
+        return None
+    check(ret, "tc filter query")
+    return int(opts.prog_id)

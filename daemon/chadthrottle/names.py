@@ -129,6 +129,9 @@ MAP_EVENTS = "events"
 IFB_PREFIX = "ctifb"               # ifb devices: ctifb<ifindex of the uplink>
 IFACE_ALIAS = "chadthrottle"       # ip link alias of every device the daemon creates
 TC_FILTER_PRIO = 0xC7A7            # preference of our filter on an uplink's ingress
+TC_FILTER_HANDLE = 1               # its handle
+# libbpf names the filter after its program (PROG_TC_CLASSIFY + ":[<program id>]"); runs
+# before libbpf made it named it this (still recognised after a crash)
 TC_FILTER_NAME = "chadthrottle"
 
 # --- systemd ---

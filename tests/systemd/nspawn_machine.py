@@ -54,13 +54,13 @@ SUITE = "bookworm"
 VARIANT = "minbase"
 #: systemd + dbus (DESIGN §3d), the runtime dependencies of chadthrottle from the Debian
 #: packages (python3-dbus-fast, python3-systemd, python3-rich, python3-tomli-w,
-#: python3-pyroute2, python3-prometheus-client, libbpf1), what ``make install`` needs (make,
-#: pip, setuptools, wheel; no clang: the BPF object is built on the host and ships as package
-#: data), and the tools the checks use (bpftool, iproute2, curl, procps).
+#: python3-prometheus-client, libbpf1, iproute2 for the download queues), what ``make
+#: install`` needs (make, pip, setuptools, wheel; no clang: the BPF object is built on the
+#: host and ships as package data), and the tools the checks use (bpftool, curl, procps).
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "libpam-systemd",
     "python3", "python3-dbus-fast", "python3-systemd", "python3-rich", "libbpf1",
-    "python3-tomli-w", "python3-pyroute2", "python3-prometheus-client",
+    "python3-tomli-w", "python3-prometheus-client",
     "make", "python3-pip", "python3-setuptools", "python3-wheel",
     "bpftool", "iproute2", "curl", "procps",
 )
