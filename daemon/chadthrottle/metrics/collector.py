@@ -45,6 +45,8 @@ KERNEL_COUNTERS = {
     "retagged": ("retagged_sockets_total", "Sockets charged to a new process"),
     "full": ("map_full_total", "Times a map was full: a process could not be limited"),
     "events_lost": ("events_lost_total", "Kernel events lost because the ring buffer was full"),
+    "queue_grace": ("queue_grace_packets_total",
+                    "Over-limit download packets passed while their device's queue was made"),
 }
 
 
