@@ -8,8 +8,10 @@ test and the session fails if anything of ours is still there after the last one
 
 from __future__ import annotations
 
-import os
+import hashlib  # noqa: F401 - it and ssl load for real before chadthrottle.server marks
+import os  # them absent (the daemon's own memory saving; tests use both)
 import shutil
+import ssl  # noqa: F401
 import tempfile
 
 import pytest

@@ -76,10 +76,13 @@ class _Handler(BaseHTTPRequestHandler):
             if progress is not None:
                 progress.close()
         body = f"{got}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:  # a bounded client (curl --max-time) may be gone already
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     do_POST = _upload  # noqa: N815
     do_PUT = _upload  # noqa: N815

@@ -195,6 +195,9 @@ class Daemon:
 
     def _start_metrics(self, address, loop) -> bool:
         """Listen for scrapes; False (logged, with what to do) when it cannot."""
+        from . import allow_ssl
+
+        allow_ssl()  # prometheus_client imports ssl unconditionally
         from ..metrics.endpoint import MetricsEndpoint
         from ..metrics.gather import Gatherer
 
