@@ -84,6 +84,7 @@ class Budgets:
         self.by_bid: dict[int, Budget] = {}
         self.by_root: dict[int, int] = {}  # root pid -> budget id
         self.gen = 0  # bumped on every change of a root or a rate (caches of listings)
+        self.roots_gen = 0  # bumped when by_root changes (the socket check's turns)
         #: called with (budget id, download rate) when a budget's download rate changes or
         #: the budget goes (rate 0): its download queue follows
         self.listeners: list = []
@@ -192,6 +193,7 @@ class Budgets:
         for pid in list(b.roots):
             if self.by_root.get(pid) == b.bid:
                 del self.by_root[pid]
+        self.roots_gen += 1
         key = ctypes.c_uint64(b.bid)
         libbpf.map_delete(self._kernel.fd(names.MAP_LIMITS), key)
         libbpf.map_delete(self._kernel.fd(names.MAP_LIMIT_CFG), key)
@@ -219,12 +221,14 @@ class Budgets:
         self.gen += 1
         b.roots[proc.pid] = proc.start_time
         self.by_root[proc.pid] = b.bid
+        self.roots_gen += 1
 
     def drop_root(self, b: Budget, pid: int) -> None:
         self.gen += 1
         b.roots.pop(pid, None)
         if self.by_root.get(pid) == b.bid:
             del self.by_root[pid]
+        self.roots_gen += 1
 
     def enroll(self, b: Budget, proc: procfs.Process, *, rule_slot: int = 0) -> list[int]:
         """Put a running process and its descendants in the budget (the root first: from

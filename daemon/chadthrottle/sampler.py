@@ -72,6 +72,11 @@ class Sampler:
         self._socket: dict[int, tuple[float, int, int]] = {}  # bid -> (t, received, acked)
         self.socket_rate: dict[int, tuple[float, float]] = {}
         self._last_check = 0.0
+        # the socket check's turn order: root pids, least recently checked first, rebuilt
+        # only when the budgets' roots changed (their generation), so a pass visits the few
+        # it checks rather than sorting every budget
+        self._turns: deque[int] = deque()
+        self._turns_gen = -1
 
     # -- taking samples -----------------------------------------------------------------------
     def sample(self, *, traffic: bool = False) -> None:
@@ -170,6 +175,25 @@ class Sampler:
         return t1 - t0, a, z
 
     # -- the independent check -------------------------------------------------------------
+    def _next_idle(self, active: set[int]) -> list[tuple[int, int]]:
+        """The next CHECKS_PER_PASS (root pid, budget) pairs whose budget is not active, in
+        turn; the turns are rebuilt (least recently checked first) when the roots changed."""
+        roots = self._budgets.by_root
+        if self._turns_gen != self._budgets.roots_gen:
+            self._turns_gen = self._budgets.roots_gen
+            self._turns = deque(sorted(roots, key=lambda pid: self._socket.get(
+                roots[pid], (0.0, 0, 0))[0]))
+        out: list[tuple[int, int]] = []
+        for _ in range(len(self._turns)):
+            if len(out) >= CHECKS_PER_PASS:
+                break
+            pid = self._turns.popleft()
+            self._turns.append(pid)
+            bid = roots.get(pid)
+            if bid is not None and bid not in active:
+                out.append((pid, bid))
+        return out
+
     def _check_sockets(self, now: float) -> None:
         """TCP byte counters of the sockets of budgets whose program saw nothing lately,
         read through their root processes (an iterator over one process's files each: the
@@ -180,12 +204,11 @@ class Sampler:
             if bid in active or bid not in self._budgets.by_bid:
                 del self.socket_rate[bid]
                 self._socket.pop(bid, None)
-        idle = [(pid, bid) for pid, bid in self._budgets.by_root.items() if bid not in active]
+        idle = self._next_idle(active)
         if not idle:
             return
-        idle.sort(key=lambda pb: self._socket.get(pb[1], (0.0, 0, 0))[0])
         fd = self._kernel.fd(names.MAP_CHECKS)
-        for pid, bid in idle[:CHECKS_PER_PASS]:
+        for pid, bid in idle:
             c = abi.Check()
             libbpf.map_update(fd, ctypes.c_uint64(bid), c)
             try:
