@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import errortext
 from .errors import InvalidConfig
 
 #: room for limits (budgets: each SetLimit, each process a scope=process rule limits, each
@@ -164,15 +165,6 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _describe(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{kind} {text}"
-
-
 _TYPE_TEXT = {
     "bool_type": "must be true or false (a boolean)",
     "string_type": "must be a string",
@@ -190,13 +182,7 @@ def _error_text(err: Mapping[str, Any]) -> tuple[str, str]:
         table = ".".join(loc[:-1])
         known = ", ".join(".".join(x for x in (table, k) if x) for k in KEYS.get(table, ()))
         return key, f"unknown key {key!r} (the keys are: {known})"
-    if kind in _TYPE_TEXT:
-        text = f"{_TYPE_TEXT[kind]}, not {_describe(err.get('input'))}"
-    else:
-        text = str(err.get("msg", "invalid"))
-        if text.startswith("Value error, "):
-            text = text[len("Value error, "):]
-    return key, f"key {key!r}: {text}"
+    return key, f"key {key!r}: {errortext.sentence(err, _TYPE_TEXT)}"
 
 
 def validate(data: Mapping[str, Any], source: str) -> Settings:

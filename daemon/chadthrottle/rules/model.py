@@ -45,7 +45,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .. import names
+from .. import errortext, names
 from ..errors import InvalidRule
 from . import glob
 
@@ -286,16 +286,6 @@ class Rule(BaseModel):
 
 
 # --- errors -----------------------------------------------------------------------------------
-def _describe(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", tuple: "a list", dict: "a table"}.get(type(value),
-                                                                  type(value).__name__)
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{kind} {text}"
-
-
 _TYPE_TEXT = {
     "int_type": "must be an integer",
     "int_parsing": "must be an integer",
@@ -316,12 +306,7 @@ def _error_text(err: Mapping[str, Any]) -> tuple[str | None, str]:
     key = str(loc[0]) if loc else None
     if kind == "extra_forbidden":
         return key, (f"unknown key {key!r} (the keys are: {', '.join(RULE_KEYS)})")
-    if kind in _TYPE_TEXT:
-        text = f"{_TYPE_TEXT[kind]}, not {_describe(err.get('input'))}"
-    else:
-        text = str(err.get("msg", "invalid"))
-        if text.startswith("Value error, "):
-            text = text[len("Value error, "):]
+    text = errortext.sentence(err, _TYPE_TEXT)
     return key, (f"key {key!r}: {text}" if key else text)
 
 
