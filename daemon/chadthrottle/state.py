@@ -57,9 +57,29 @@ def _check_start_time(v: int) -> int:
     return v
 
 
-class _Strict(BaseModel):
+class _Frozen(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
+
+class _Process(_Frozen):
+    """A process as kept in the state dir: its pid and its start time (a reused pid is never
+    taken for it)."""
+
+    pid: int
+    start_time: int
+
+    @field_validator("pid")
+    @classmethod
+    def _pid(cls, v: int) -> int:
+        return _check_pid(v)
+
+    @field_validator("start_time")
+    @classmethod
+    def _start(cls, v: int) -> int:
+        return _check_start_time(v)
+
+
+class _Strict(_Frozen):
     download: int = 0
     upload: int = 0
     uid: int
@@ -91,21 +111,8 @@ class _Strict(BaseModel):
         return self
 
 
-class StoredLimit(_Strict):
+class StoredLimit(_Strict, _Process):
     """A limit set with SetLimit, as kept in the state dir."""
-
-    pid: int
-    start_time: int
-
-    @field_validator("pid")
-    @classmethod
-    def _pid(cls, v: int) -> int:
-        return _check_pid(v)
-
-    @field_validator("start_time")
-    @classmethod
-    def _start(cls, v: int) -> int:
-        return _check_start_time(v)
 
 
 class StoredUnitLimit(_Strict):
@@ -121,25 +128,11 @@ class StoredUnitLimit(_Strict):
         return v
 
 
-class StoredHeir(BaseModel):
+class StoredHeir(_Process):
     """A process that carries the limit of rule ``rule`` because the process the rule
     matched (its parent, or an ancestor) exited, as kept in the state dir."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    pid: int
-    start_time: int
     rule: str
-
-    @field_validator("pid")
-    @classmethod
-    def _pid(cls, v: int) -> int:
-        return _check_pid(v)
-
-    @field_validator("start_time")
-    @classmethod
-    def _start(cls, v: int) -> int:
-        return _check_start_time(v)
 
     @field_validator("rule")
     @classmethod
