@@ -180,6 +180,14 @@ struct {
 } checks SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, CT_MAX_FILE_SOCKS);
+	__type(key, __u64); /* the socket's inode number */
+	__type(value, struct ct_file_sock);
+} file_socks SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -603,15 +611,17 @@ int ct_sock_release(struct bpf_sock *sk)
 }
 
 /* A limited process that sends or receives on a socket another process created (passed with
- * SCM_RIGHTS, taken with pidfd_getfd) is charged for it from then on.  A socket is never
- * moved out of a budget this way: an unlimited process using a limited process's socket
- * leaves it charged where it was. */
+ * SCM_RIGHTS, taken with pidfd_getfd), or on one of its own no tagging pass reached (it is
+ * in another network namespace than the daemon, or it came before the daemon), is charged
+ * for it from then on.  A socket is never moved out of a budget this way: an unlimited
+ * process using a limited process's socket leaves it charged where it was. */
 static __always_inline void sock_used(struct sock *sk)
 {
 	struct ct_config *cfg = ct_cfg();
 	struct task_struct *task;
 	struct ct_sk_tag *tag;
 	struct ct_task *st;
+	__u16 family;
 	__u32 tgid;
 	__u64 bid;
 
@@ -625,7 +635,10 @@ static __always_inline void sock_used(struct sock *sk)
 	bid = task_bid(st);
 	if (!bid)
 		return;
-	tag = bpf_sk_storage_get(&sk_tag, sk, 0, 0);
+	family = sk->__sk_common.skc_family;
+	if (family != AF_INET && family != AF_INET6)
+		return;
+	tag = bpf_sk_storage_get(&sk_tag, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!tag || tag->budget == bid)
 		return;
 	tag->budget = bid;
@@ -1112,67 +1125,149 @@ static __always_inline int sock_in_cgroup(struct sock *sk, __u64 unit, __u32 lev
 	return kn && BPF_CORE_READ(kn, id) == unit;
 }
 
+extern struct task_struct *bpf_task_from_pid(s32 pid) __ksym;
+extern void bpf_task_release(struct task_struct *p) __ksym;
+
+/* The membership of the process a visited task belongs to.  iter/task_file hands a plain
+ * task pointer, and walking it (t->group_leader) gives an untrusted one on newer kernels
+ * (6.18.44 here), which task storage refuses: the visited task is its process's leader
+ * nearly always (threads share the leader's files and are skipped); otherwise the leader is
+ * looked up by its pid, a trusted reference held for the lookup only. */
+static __always_inline struct ct_task *process_membership(struct task_struct *t)
+{
+	struct task_struct *leader;
+	struct ct_task *st;
+
+	if (t->pid == t->tgid)
+		return bpf_task_storage_get(&task_budget, t, 0, 0);
+	leader = bpf_task_from_pid(t->tgid);
+	if (!leader)
+		return 0;
+	st = bpf_task_storage_get(&task_budget, leader, 0, 0);
+	bpf_task_release(leader);
+	return st;
+}
+
 SEC("iter/task_file")
 int ct_iter_files(struct bpf_iter__task_file *ctx)
 {
 	struct task_struct *t = ctx->task;
 	struct ct_config *cfg = ct_cfg();
-	struct ct_sk_tag *tag;
+	struct ct_file_sock fs = {};
+	struct file *f = ctx->file;
 	struct ct_task *st;
 	struct sock *sk;
-	__u64 bid;
+	__u64 ino;
 
-	if (!t || !cfg)
+	if (!t || !cfg || !f)
 		return 0;
-	sk = file_inet_sock(ctx->file);
+	sk = file_inet_sock(f);
 	if (!sk)
 		return 0;
 	switch (cfg->iter_op) {
 	case CT_ITER_TAG:
-		st = bpf_task_storage_get(&task_budget, t->group_leader, 0, 0);
-		bid = (st && (st->state & CT_COUNTED)) ? st->state & CT_BID_MASK : 0;
-		tag = bpf_sk_storage_get(&sk_tag, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (!tag)
-			break;
-		if (!tag->tgid || bid)
-			tag->tgid = ns_tgid(t, cfg);
-		if (bid && tag->budget != bid) {
-			tag->budget = bid;
-			bpf_seq_write(ctx->meta->seq, &bid, sizeof(bid));
-		} else if (!bid && tag->budget && tag->budget == cfg->iter_budget) {
-			tag->budget = 0; /* released */
-		}
+		st = process_membership(t);
+		fs.id = (st && (st->state & CT_COUNTED)) ? st->state & CT_BID_MASK : 0;
+		fs.leaving = cfg->iter_budget;
 		break;
 	case CT_ITER_CHECK: {
-		struct tcp_sock *tp;
 		struct ct_check *c;
+		__u64 bid;
 
-		st = bpf_task_storage_get(&task_budget, t->group_leader, 0, 0);
+		st = process_membership(t);
 		if (!st || !(st->state & CT_COUNTED))
-			break;
+			return 0;
 		bid = st->state & CT_BID_MASK;
 		c = bpf_map_lookup_elem(&checks, &bid);
 		if (!c)
-			break;
+			return 0;
 		c->sockets++;
-		tp = bpf_skc_to_tcp_sock(sk);
-		if (tp) {
-			c->received += tp->bytes_received;
-			c->acked += tp->bytes_acked;
+		if (BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP &&
+		    BPF_CORE_READ(sk, sk_type) == SOCK_STREAM) {
+			struct tcp_sock *tp = (void *)sk;
+
+			c->received += BPF_CORE_READ(tp, bytes_received);
+			c->acked += BPF_CORE_READ(tp, bytes_acked);
 		}
-		break;
+		return 0;
 	}
 	case CT_ITER_UNIT:
 		if (!sock_in_cgroup(sk, cfg->iter_budget, cfg->iter_tgid))
-			break;
-		tag = bpf_sk_storage_get(&sk_tag, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (tag) {
-			if (!tag->tgid)
-				tag->tgid = ns_tgid(t, cfg);
-			tag->unit = cfg->iter_budget;
-		}
+			return 0;
+		fs.id = cfg->iter_budget;
 		break;
+	default:
+		return 0;
 	}
+	ino = BPF_CORE_READ(f, f_inode, i_ino);
+	if (!ino)
+		return 0;
+	fs.op = cfg->iter_op;
+	fs.tgid = ns_tgid(t, cfg);
+	bpf_map_update_elem(&file_socks, &ino, &fs, BPF_ANY);
+	return 0;
+}
+
+/* Tag a socket as file_socks says (sk: from iter/tcp or iter/udp); a budget it joins is
+ * written to the iterator's output. */
+static __always_inline void tag_file_sock(struct seq_file *seq, struct sock *sk)
+{
+	struct ct_file_sock *fs;
+	struct ct_sk_tag *tag;
+	__u64 ino, bid;
+
+	ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	if (!ino)
+		return;
+	fs = bpf_map_lookup_elem(&file_socks, &ino);
+	if (!fs)
+		return;
+	bid = fs->id;
+	if (fs->op == CT_ITER_TAG && !bid) {
+		tag = bpf_sk_storage_get(&sk_tag, sk, 0, 0);
+		if (tag && tag->budget && tag->budget == fs->leaving)
+			tag->budget = 0; /* released */
+	} else {
+		tag = bpf_sk_storage_get(&sk_tag, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	}
+	if (tag && fs->op == CT_ITER_TAG && bid) {
+		tag->tgid = fs->tgid;
+		if (tag->budget != bid) {
+			tag->budget = bid;
+			bpf_seq_write(seq, &bid, sizeof(bid));
+		}
+	} else if (tag && fs->op == CT_ITER_UNIT) {
+		if (!tag->tgid)
+			tag->tgid = fs->tgid;
+		tag->unit = fs->id;
+	}
+	bpf_map_delete_elem(&file_socks, &ino);
+}
+
+SEC("iter/tcp")
+int ct_iter_tcp_files(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct ct_config *cfg = ct_cfg();
+	struct tcp_sock *tp;
+
+	if (!skc || !cfg || cfg->iter_op != CT_ITER_SOCKS)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (tp)
+		tag_file_sock(ctx->meta->seq, (struct sock *)tp);
+	return 0;
+}
+
+SEC("iter/udp")
+int ct_iter_udp_files(struct bpf_iter__udp *ctx)
+{
+	struct udp_sock *us = ctx->udp_sk;
+	struct ct_config *cfg = ct_cfg();
+
+	if (!us || !cfg || cfg->iter_op != CT_ITER_SOCKS)
+		return 0;
+	tag_file_sock(ctx->meta->seq, (struct sock *)us);
 	return 0;
 }
 

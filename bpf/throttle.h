@@ -30,6 +30,7 @@
 #define CT_MAX_WATCH 4096    /* cgroups and directories watched for events */
 #define CT_MAX_CLASSES 16384 /* budgets and units with a download queue class */
 #define CT_MAX_CHECKS 64     /* budgets cross-checked per socket census */
+#define CT_MAX_FILE_SOCKS 65536 /* sockets found in files per tagging pass */
 #define CT_MAX_ACTIVE 4096   /* budgets with traffic between two samples */
 #define CT_MAX_DEVICES 256   /* devices a limited download arrived on */
 #define CT_EVENTS_BYTES (256 * 1024)
@@ -157,6 +158,18 @@ struct ct_traffic {
 #define CT_ITER_UNIT 6     /* task_file: set tag->unit of sockets below iter_budget (a cgroup id) */
 #define CT_ITER_SELF 7     /* task: print a ct_self_rec of the visited task (the daemon itself) */
 #define CT_ITER_ORPHANS 8  /* tcp: release sockets an earlier daemon paced (its tags died with it) */
+#define CT_ITER_SOCKS 9    /* tcp, udp: tag the sockets task_file put in file_socks */
+
+/* A socket a task_file iterator found, keyed by its inode number in file_socks: what its tag
+ * becomes once an iterator over the sockets visits it.  task_file reaches a socket only as an
+ * untrusted pointer on newer kernels (socket->sk walked from a plain pointer), which socket
+ * storage refuses; iter/tcp and iter/udp hand out sockets it accepts. */
+struct ct_file_sock {
+	__u64 id;              /* CT_ITER_TAG: budget (0: none); CT_ITER_UNIT: cgroup id */
+	__u64 leaving;         /* CT_ITER_TAG with id 0: the budget the socket leaves */
+	__u32 tgid;            /* the process whose file it is */
+	__u32 op;              /* CT_ITER_TAG or CT_ITER_UNIT */
+};
 
 /* Runtime configuration written by the daemon (array map, one entry; the daemon is its only
  * writer: the kernel's own counter of budget ids lives in the map kernel_bids). */
@@ -301,6 +314,7 @@ _Static_assert(sizeof(struct ct_dir_key) == 16, "ct_dir_key ABI");
 _Static_assert(sizeof(struct ct_event) == 56, "ct_event ABI");
 _Static_assert(sizeof(struct ct_member_rec) == 16, "ct_member_rec ABI");
 _Static_assert(sizeof(struct ct_check) == 24, "ct_check ABI");
+_Static_assert(sizeof(struct ct_file_sock) == 24, "ct_file_sock ABI");
 _Static_assert(sizeof(struct ct_self_rec) == 8, "ct_self_rec ABI");
 
 #endif /* CHADTHROTTLE_THROTTLE_H */

@@ -23,6 +23,7 @@ MAX_EXE = 8192
 MAX_WATCH = 4096
 MAX_CLASSES = 16384
 MAX_CHECKS = 64
+MAX_FILE_SOCKS = 65536
 MAX_ACTIVE = 4096
 MAX_DEVICES = 256
 
@@ -46,6 +47,7 @@ ITER_CHECK = 5
 ITER_UNIT = 6
 ITER_SELF = 7
 ITER_ORPHANS = 8
+ITER_SOCKS = 9
 
 CFG_BUDGETS = 0x1
 CFG_EXEC_DIRS = 0x2
@@ -269,6 +271,15 @@ class SelfRec(ctypes.Structure):
     ]
 
 
+class FileSock(ctypes.Structure):
+    _fields_ = [
+        ("id", c_uint64),
+        ("leaving", c_uint64),
+        ("tgid", c_uint32),
+        ("op", c_uint32),
+    ]
+
+
 class Check(ctypes.Structure):
     _fields_ = [
         ("received", c_uint64),
@@ -294,6 +305,7 @@ STRUCTS = {
     "ct_event": Event,
     "ct_member_rec": MemberRec,
     "ct_check": Check,
+    "ct_file_sock": FileSock,
     "ct_self_rec": SelfRec,
     "ct_device": Device,
 }
@@ -311,6 +323,7 @@ CONSTANTS = {
     "CT_ITER_ENROLL": ITER_ENROLL, "CT_ITER_RELEASE": ITER_RELEASE,
     "CT_ITER_CENSUS": ITER_CENSUS, "CT_ITER_TAG": ITER_TAG, "CT_ITER_CHECK": ITER_CHECK,
     "CT_ITER_UNIT": ITER_UNIT, "CT_ITER_SELF": ITER_SELF, "CT_ITER_ORPHANS": ITER_ORPHANS,
+    "CT_ITER_SOCKS": ITER_SOCKS, "CT_MAX_FILE_SOCKS": MAX_FILE_SOCKS,
     "CT_CFG_BUDGETS": CFG_BUDGETS,
     "CT_CFG_EXEC_DIRS": CFG_EXEC_DIRS,
     "CT_CFG_PEERS": CFG_PEERS, "CT_CFG_QUEUES": CFG_QUEUES, "CT_DEV_PENDING": DEV_PENDING,

@@ -9,8 +9,9 @@
   children at fork and reports the last member's exit; running trees are enrolled by an
   iterator that visits one process by its pidfd and checks, in the kernel, that it is alive
   and descends from a member (so a pid that was reused meanwhile is refused).
-* Sockets that existed before are tagged from the kernel side (iter/task_file): the daemon
-  never holds another process's file descriptor.
+* Sockets that existed before are tagged from the kernel side (iter/task_file finds them,
+  iter/tcp and iter/udp tag them): the daemon never holds another process's file
+  descriptor.
 * The buckets' state belongs to the kernel once created; a change writes new settings
   (limit_cfg) that the next packet copies in under the bucket's lock.
 """
@@ -269,11 +270,8 @@ class Budgets:
                             self._attach.ensure_for_pid(pid)
                         except NoSuchProcess:
                             pass
-            tagged = 0
-            for fd in fds:
-                out = self._kernel.iterate(names.PROG_ITER_FILES, abi.ITER_TAG, budget=b.bid,
-                                           pid_fd=fd)
-                tagged += len(out) // 8
+            out = self._kernel.tag_sockets(abi.ITER_TAG, budget=b.bid, pid_fds=fds)
+            tagged = len(out) // 8
         finally:
             for fd in opened:
                 os.close(fd)
@@ -305,8 +303,7 @@ class Budgets:
                 out = self._kernel.iterate(names.PROG_ITER_TASK, abi.ITER_RELEASE,
                                            budget=b.bid, pid_fd=fd)
                 n += len(out) // ctypes.sizeof(abi.MemberRec)
-                self._kernel.iterate(names.PROG_ITER_FILES, abi.ITER_TAG, budget=b.bid,
-                                     pid_fd=fd)
+            self._kernel.tag_sockets(abi.ITER_TAG, budget=b.bid, pid_fds=fds)
         finally:
             for fd in opened:
                 os.close(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import abi, libbpf, names
@@ -22,9 +23,9 @@ MAPS = (
     names.MAP_SK_TAG, names.MAP_TASK_BUDGET, names.MAP_LIMITS, names.MAP_LIMIT_CFG,
     names.MAP_UNIT_LIMITS, names.MAP_UNIT_CFG, names.MAP_PROC_TRAFFIC, names.MAP_PEER_PACE,
     names.MAP_DL_CLASS, names.MAP_DL_DEVICES, names.MAP_RULES, names.MAP_EXE_RULES,
-    names.MAP_EXE_DIRS,
-    names.MAP_WATCH_CGROUPS, names.MAP_ACTIVE, names.MAP_CHECKS, names.MAP_CONFIG,
-    names.MAP_GLOBAL_STATS, names.MAP_KERNEL_BIDS, names.MAP_EVENTS,
+    names.MAP_EXE_DIRS, names.MAP_WATCH_CGROUPS, names.MAP_ACTIVE, names.MAP_CHECKS,
+    names.MAP_FILE_SOCKS, names.MAP_CONFIG, names.MAP_GLOBAL_STATS, names.MAP_KERNEL_BIDS,
+    names.MAP_EVENTS,
 )
 
 
@@ -121,6 +122,26 @@ class Kernel:
         c.iter_op, c.iter_budget, c.iter_tgid, c.iter_arg = op, budget, tgid, arg
         self.write_config()
         return self.obj.run_iter(program, pid_fd)
+
+    def tag_sockets(self, op: int, *, budget: int = 0, tgid: int = 0,
+                    pid_fds: Sequence[int | None] = (None,)) -> bytes:
+        """Tag the sockets in the files of processes (each pidfd; None: every process):
+        ITER_TAG by the membership of their process (sockets of a process that left
+        ``budget`` leave it too), ITER_UNIT those in the cgroup ``budget`` at level ``tgid``.
+
+        Two passes: iter/task_file finds the sockets and records what each becomes by its
+        inode number (file_socks), iter/tcp and iter/udp tag them (only they hand the kernel
+        a socket its storage accepts).  The socket iterators see the daemon's network
+        namespace; a socket of another one is charged on its next send or receive instead.
+        Returns the id of each budget a socket joined (8 bytes each)."""
+        for fd in pid_fds:
+            self.iterate(names.PROG_ITER_FILES, op, budget=budget, tgid=tgid, pid_fd=fd)
+        out = (self.iterate(names.PROG_ITER_TCP_FILES, abi.ITER_SOCKS, budget=budget)
+               + self.iterate(names.PROG_ITER_UDP_FILES, abi.ITER_SOCKS, budget=budget))
+        fd = self.fds[names.MAP_FILE_SOCKS]
+        for key in libbpf.map_keys(fd, ctypes.c_uint64):  # other namespaces' sockets
+            libbpf.map_delete(fd, ctypes.c_uint64(key))
+        return out
 
     # -- events ------------------------------------------------------------------------------
     @property

@@ -175,9 +175,7 @@ class UnitLimits:
 
     def _tag_existing(self, u: _Unit) -> None:
         """Sockets that exist in the unit learn it now (new ones on their first packet)."""
-        out = self._kernel.iterate(names.PROG_ITER_FILES, abi.ITER_UNIT, budget=u.cgroup_id,
-                                   tgid=u.level)
-        del out
+        self._kernel.tag_sockets(abi.ITER_UNIT, budget=u.cgroup_id, tgid=u.level)
         self._pacer.repace()
 
     def _parent_id(self, u: _Unit) -> int | None:
