@@ -316,13 +316,20 @@ static __always_inline __u64 task_bid(struct ct_task *st)
 
 /* ---- settings ------------------------------------------------------------------------ */
 
+/* The settings generation a packet works with: read once, so the lookup before the lock
+ * and the check under it see the same one (read twice, a change the daemon made in between
+ * marked the limit up to date with no settings looked up, and its new rate never came in). */
+static __always_inline __u64 cfg_gen_of(struct ct_config *cfg)
+{
+	return *(volatile __u64 *)&cfg->cfg_gen;
+}
+
 /* A limit's settings, copied in from its cfg map when the daemon changed something since the
  * last packet.  The map lookup happens before the lock is taken (no helper under a lock). */
 static __always_inline struct ct_limit_cfg *pending_cfg(void *cfg_map, __u64 key,
-							struct ct_limit *l,
-							struct ct_config *cfg)
+							struct ct_limit *l, __u64 gen)
 {
-	if (l->cfg_gen == cfg->cfg_gen)
+	if (l->cfg_gen == gen)
 		return 0;
 	return bpf_map_lookup_elem(cfg_map, &key);
 }
@@ -330,9 +337,12 @@ static __always_inline struct ct_limit_cfg *pending_cfg(void *cfg_map, __u64 key
 static __always_inline void apply_cfg(struct ct_limit *l, struct ct_limit_cfg *c, __u64 gen,
 				      __u64 now)
 {
-	/* under the lock */
+	/* under the lock; c was looked up for gen (none: another packet is ahead, or the limit
+	 * is going away; the next packet looks again) */
+	if (!c)
+		return;
 	l->cfg_gen = gen;
-	if (!c || l->set_gen == c->gen)
+	if (l->set_gen == c->gen)
 		return;
 	l->set_gen = c->gen;
 	l->mss = c->mss;
@@ -375,14 +385,14 @@ static __always_inline __u64 payload_len(struct __sk_buff *skb)
 }
 
 static __always_inline int charge_limit(struct ct_limit *l, struct ct_limit_cfg *c,
-					struct ct_config *cfg, int dir, __u64 len, __u64 now,
+					__u64 gen, int dir, __u64 len, __u64 now,
 					int fresh, int grace)
 {
 	int pass;
 
 	bpf_spin_lock(&l->lock);
-	if (l->cfg_gen != cfg->cfg_gen)
-		apply_cfg(l, c, cfg->cfg_gen, now);
+	if (l->cfg_gen != gen)
+		apply_cfg(l, c, gen, now);
 	pass = bucket_charge(&l->dir[dir & 1], len, now, fresh, grace);
 	bpf_spin_unlock(&l->lock);
 	return pass;
@@ -480,8 +490,9 @@ static __always_inline int unit_charge(struct __sk_buff *skb, struct ct_config *
 		innermost = id;
 		if (dir == CT_DIR_DOWNLOAD && ul->dir[CT_DIR_DOWNLOAD].rate)
 			note_device(skb, now);
-		struct ct_limit_cfg *c = pending_cfg(&unit_cfg, id, ul, cfg);
-		if (!charge_limit(ul, c, cfg, dir, len, now, fresh, 0)) { /* no grace here */
+		__u64 gen = cfg_gen_of(cfg);
+		struct ct_limit_cfg *c = pending_cfg(&unit_cfg, id, ul, gen);
+		if (!charge_limit(ul, c, gen, dir, len, now, fresh, 0)) { /* no grace here */
 			pass = 0;
 			break;
 		}
@@ -529,7 +540,8 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 		struct ct_limit *l = bpf_map_lookup_elem(&limits, &bid);
 
 		if (l) {
-			struct ct_limit_cfg *c = pending_cfg(&limit_cfg, bid, l, cfg);
+			__u64 gen = cfg_gen_of(cfg);
+			struct ct_limit_cfg *c = pending_cfg(&limit_cfg, bid, l, gen);
 
 			if (l->seen_gen != cfg->sample_gen) {
 				__u8 one = 1;
@@ -541,7 +553,7 @@ static __always_inline int handle(struct __sk_buff *skb, int dir)
 				note_device(skb, now);
 			if (dir == CT_DIR_DOWNLOAD && l->dir[CT_DIR_DOWNLOAD].rate)
 				grace = queue_grace(skb, cfg, now);
-			pass = charge_limit(l, c, cfg, dir, len, now, fresh, grace);
+			pass = charge_limit(l, c, gen, dir, len, now, fresh, grace);
 			if (pass == 2)
 				count_grace();
 		} else {
