@@ -551,7 +551,11 @@ def test_issue9_rule_rate_changed_then_removed(rig, http, procs, work):
     assert rig.rules() == {}
     t.wait()
     r1, r2 = ratio(t, 1, t_change), ratio(t, t_change + 0.5, t_remove, 2 * LIMIT)
-    r3 = ratio(t, t_freed + 0.3, 7)
+    # freed: everything from the removal on.  curl's own --limit-rate averages over seconds:
+    # set free below its cap, it catches up in one burst (tens of MB on loopback within
+    # 0.2 s) and then sleeps to its average, so a window that starts after the burst can
+    # see nothing at all
+    r3 = ratio(t, t_remove, 7)
     print(f"\nLIMIT {r1:.2f}x; new rate 2xLIMIT held at {r2:.2f}x; removed "
           f"({t_freed - t_remove:.3f} s): {r3:.2f}x LIMIT")
     assert in_band(r1), r1
@@ -814,16 +818,18 @@ def test_issue9_limit_not_restored_after_a_crash_does_not_hold(rig, http, procs,
     wait_started(t)
     assert rig.stats(t.pid)["rule"] == "gone"
     wait_until(lambda: now_since(t) > 2.0, 5, "2 s of transfer")
+    t_kill = now_since(t)
     rig.kill()
     (rig.rules_d / "gone.toml").unlink()  # removed while the daemon was down
     rig.start()
-    t_back = now_since(t)
     s = rig.stats(t.pid)
     assert (s["rule"], s["download_limit"]) == ("", 0), s  # the daemon's view: free
     t.wait()
-    before, after = ratio(t, 1, 2), ratio(t, t_back + 0.5, 7)
-    print(f"\n{profile(t)}\nbefore the crash {before:.2f}x; after the restart, with no limit "
-          f"left: {after:.2f}x")
+    # after: from the kill on (released at start-up, curl catches up on its own cap in one
+    # burst and then sleeps, so a window from after the restart may miss it all)
+    before, after = ratio(t, 1, 2), ratio(t, t_kill, 7)
+    print(f"\n{profile(t)}\nbefore the crash {before:.2f}x; from the kill on, restarted with "
+          f"no limit left: {after:.2f}x")
     assert in_band(before), before
     assert after >= FREE_MIN, after
 
