@@ -1216,7 +1216,13 @@ int ct_iter_files(struct bpf_iter__task_file *ctx)
 		return 0;
 	fs.op = cfg->iter_op;
 	fs.tgid = ns_tgid(t, cfg);
-	bpf_map_update_elem(&file_socks, &ino, &fs, BPF_ANY);
+	if (!bpf_map_update_elem(&file_socks, &ino, &fs, BPF_ANY)) {
+		/* the daemon runs the socket pass of each protocol found (an empty one still
+		 * walks every bucket of the protocol's hash table) */
+		__u32 proto = BPF_CORE_READ(sk, sk_protocol);
+
+		bpf_seq_write(ctx->meta->seq, &proto, sizeof(proto));
+	}
 	return 0;
 }
 

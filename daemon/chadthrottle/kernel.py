@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -133,11 +134,20 @@ class Kernel:
         inode number (file_socks), iter/tcp and iter/udp tag them (only they hand the kernel
         a socket its storage accepts).  The socket iterators see the daemon's network
         namespace; a socket of another one is charged on its next send or receive instead.
+        A socket pass runs only for a protocol the first pass found: even empty, it walks
+        every bucket of that protocol's hash table (milliseconds on a large machine).
         Returns the id of each budget a socket joined (8 bytes each)."""
-        for fd in pid_fds:
-            self.iterate(names.PROG_ITER_FILES, op, budget=budget, tgid=tgid, pid_fd=fd)
-        out = (self.iterate(names.PROG_ITER_TCP_FILES, abi.ITER_SOCKS, budget=budget)
-               + self.iterate(names.PROG_ITER_UDP_FILES, abi.ITER_SOCKS, budget=budget))
+        found = b""
+        for fd in pid_fds:  # the protocol of each socket recorded (a u32 each)
+            found += self.iterate(names.PROG_ITER_FILES, op, budget=budget, tgid=tgid, pid_fd=fd)
+        if not found:
+            return b""
+        protos = set(memoryview(found).cast("I"))
+        out = b""
+        for proto, program in ((socket.IPPROTO_TCP, names.PROG_ITER_TCP_FILES),
+                               (socket.IPPROTO_UDP, names.PROG_ITER_UDP_FILES)):
+            if proto in protos:
+                out += self.iterate(program, abi.ITER_SOCKS, budget=budget)
         fd = self.fds[names.MAP_FILE_SOCKS]
         for key in libbpf.map_keys(fd, ctypes.c_uint64):  # other namespaces' sockets
             libbpf.map_delete(fd, ctypes.c_uint64(key))
